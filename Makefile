@@ -11,15 +11,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,sandbox]'
 	touch $(STAMP)
 
-## Run the whole job on the sample corrections against an embedded sandbox.
+## Run the whole job on the sample corrections against an embedded sandbox (with some faults).
 demo: $(STAMP)
-	$(BIN)/python scripts/sandbox_smoke.py
-
-demo-run: $(STAMP)
-	rm -f out/demo.results.csv out/demo.results.csv.journal
 	mkdir -p out
+	rm -f out/demo.results.csv out/demo.results.csv.journal out/demo.results.csv.run.json
 	$(BIN)/allo-batch run sample_data/corrections.csv --sandbox \
-		--sandbox-world sample_data/world.json --rate 50 \
+		--sandbox-world sample_data/world.json --sandbox-rate 50 \
+		--sandbox-faults latency=20ms,jitter=10ms,500=0.02,503=0.02,drop=0.01 --sandbox-seed 7 \
 		--output out/demo.results.csv --no-progress || test $$? -eq 1
 	$(BIN)/allo-batch report out/demo.results.csv
 

@@ -6,7 +6,9 @@ Heavy libraries (polars, httpx, uvicorn) are imported inside the commands, so ``
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -93,6 +95,272 @@ def sandbox(
     with contextlib.suppress(KeyboardInterrupt):
         make_server(app, log_level="info").run(sockets=[sock])
     click.echo("allo-batch sandbox stopped")
+
+
+_FORMATS = click.Choice(["csv", "parquet", "ndjson"])
+
+
+def _fail(error: Exception) -> NoReturn:
+    from allo_batch.errors import AlloBatchError
+
+    code = error.exit_code if isinstance(error, AlloBatchError) else 2
+    click.echo(f"allo-batch: {error}", err=True)
+    sys.exit(int(code))
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Result file (.parquet, .csv, .ndjson) [default: <INPUT stem>.results.parquet].",
+)
+@click.option(
+    "--format", "input_format", type=_FORMATS, help="Input format [default: from the extension]."
+)
+@click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    metavar="NAME=FILE_COLUMN",
+    help="Map a field to a differently named column, e.g. content=new_summary.",
+)
+@click.option(
+    "--base-url",
+    envvar="ALLO_BASE_URL",
+    default=None,
+    help="API base URL [env ALLO_BASE_URL; default https://api.withallo.com].",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(path_type=Path),
+    help="File holding the API key [default: env ALLO_API_KEY].",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Writes per second [default: the key's write_per_second from /v2/api/me, else 5].",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    help="Requests in flight [default: from the rate, 2..32].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds per request.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="Tries per row for retryable failures (429s not counted).",
+)
+@click.option(
+    "--max-errors", type=click.IntRange(min=1), help="Stop the run after this many failed rows."
+)
+@click.option("--limit", type=click.IntRange(min=0), help="Only the first N rows (a canary run).")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Read, validate and plan; send nothing; still write the result file.",
+)
+@click.option(
+    "--sandbox",
+    "use_sandbox",
+    is_flag=True,
+    help="Run against an embedded simulator on a free loopback port.",
+)
+@click.option(
+    "--sandbox-world",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --sandbox: a world JSON instead of seeding from the input.",
+)
+@click.option(
+    "--sandbox-rate",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="With --sandbox: the simulated key's writes per second.",
+)
+@click.option(
+    "--sandbox-faults",
+    default=None,
+    help="With --sandbox: fault spec (see `allo-batch sandbox --help`).",
+)
+@click.option(
+    "--sandbox-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With --sandbox: seed for faults.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar [default: on when stderr is a terminal].",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the run summary as one JSON object on stdout."
+)
+def run(
+    input_path: Path,
+    output: Path | None,
+    input_format: str | None,
+    columns: tuple[str, ...],
+    base_url: str | None,
+    api_key_file: Path | None,
+    rate: float | None,
+    concurrency: int | None,
+    timeout: float,
+    max_attempts: int,
+    max_errors: int | None,
+    limit: int | None,
+    dry_run: bool,
+    use_sandbox: bool,
+    sandbox_world: Path | None,
+    sandbox_rate: int,
+    sandbox_faults: str | None,
+    sandbox_seed: int,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
+    """Send the corrections in INPUT (CSV, Parquet or NDJSON of call_id, template_key, content).
+
+    \b
+    Exit codes: 0 every row updated (now or earlier), 1 some rows invalid or failed,
+    2 bad usage or unreadable input (nothing sent), 3 stopped early (key refused,
+    --max-errors, API unavailable), 130 interrupted (a rerun resumes).
+
+    \b
+    Example:
+      ALLO_API_KEY=... allo-batch run corrections.parquet -o corrections.results.parquet
+    """
+    from allo_batch.config import (
+        JobConfig,
+        RetryPolicy,
+        SandboxOptions,
+        api_key_from,
+        parse_column_mapping,
+    )
+    from allo_batch.constants import DEFAULT_BASE_URL
+    from allo_batch.errors import AlloBatchError
+
+    try:
+        config = JobConfig(
+            input=input_path,
+            output=output,
+            input_format=input_format,  # type: ignore[arg-type]
+            columns=parse_column_mapping(columns),
+            base_url=base_url or DEFAULT_BASE_URL,
+            api_key=None if use_sandbox else api_key_from(key_file=api_key_file),
+            rate=rate,
+            concurrency=concurrency,
+            timeout=timeout,
+            retry=RetryPolicy(max_attempts=max_attempts),
+            max_errors=max_errors,
+            limit=limit,
+            dry_run=dry_run,
+            sandbox=SandboxOptions(
+                world_file=sandbox_world,
+                write_rate=sandbox_rate,
+                faults=sandbox_faults,
+                seed=sandbox_seed,
+            )
+            if use_sandbox
+            else None,
+            progress=sys.stderr.isatty() if progress is None else progress,
+        )
+        summary = _run_with_reporter(config)
+    except AlloBatchError as error:
+        summary = getattr(error, "summary", None)
+        if summary is None:
+            _fail(error)
+        _print_summary(summary, as_json=as_json)
+        _fail(error)
+    _print_summary(summary, as_json=as_json)
+    sys.exit(summary.exit_code)
+
+
+def _run_with_reporter(config: Any) -> Any:
+    from allo_batch.pipeline import run_job
+    from allo_batch.report import LogReporter, TqdmReporter
+
+    reporter: Any
+    if config.progress:
+        reporter = TqdmReporter(total=None)
+    else:
+        reporter = LogReporter(total=None, interval=config.log_interval)
+    return run_job(config, reporter=reporter)
+
+
+def _print_summary(summary: Any, *, as_json: bool) -> None:
+    from allo_batch.report import format_summary, summary_json
+
+    if as_json:
+        click.echo(summary_json(summary))
+    else:
+        click.echo(format_summary(summary), err=True)
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "--format", "input_format", type=_FORMATS, help="Input format [default: from the extension]."
+)
+@click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    metavar="NAME=FILE_COLUMN",
+    help="Map a field to a differently named column.",
+)
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Example rows shown per error code.",
+)
+def validate(
+    input_path: Path, input_format: str | None, columns: tuple[str, ...], show: int
+) -> None:
+    """Check INPUT locally and print a report; send nothing. Exit 1 if any row is invalid."""
+    from allo_batch.config import JobConfig, parse_column_mapping
+    from allo_batch.errors import AlloBatchError
+    from allo_batch.inspect import validation_report
+
+    try:
+        config = JobConfig(
+            input=input_path,
+            input_format=input_format,  # type: ignore[arg-type]
+            columns=parse_column_mapping(columns),
+        )
+        text, invalid = validation_report(config, show=show)
+    except AlloBatchError as error:
+        _fail(error)
+    click.echo(text)
+    sys.exit(1 if invalid else 0)
+
+
+@cli.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def report(result: Path, as_json: bool) -> None:
+    """Summarise a result file: counts per status and error code, and the run's figures."""
+    from allo_batch.errors import AlloBatchError
+    from allo_batch.report import format_summary, summarize_file, summary_json
+
+    try:
+        summary = summarize_file(result)
+    except AlloBatchError as error:
+        _fail(error)
+    click.echo(summary_json(summary) if as_json else format_summary(summary))
 
 
 def main() -> None:

@@ -1,0 +1,89 @@
+"""Values that flow between the stages: planned requests, row results, the run summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+Status = Literal["updated", "skipped", "invalid", "failed", "not_sent"]
+STATUSES: Final[tuple[Status, ...]] = ("updated", "skipped", "invalid", "failed", "not_sent")
+
+# Local codes (DESIGN §4) beside the API's own.
+DUPLICATE_ROW: Final = "DUPLICATE_ROW"
+TIMEOUT: Final = "TIMEOUT"
+CONNECTION_ERROR: Final = "CONNECTION_ERROR"
+
+RESULT_COLUMNS: Final = (
+    "row",
+    "call_id",
+    "template_key",
+    "status",
+    "error_code",
+    "retryable",
+    "http_status",
+    "version",
+    "updated_at",
+    "attempts",
+    "request_id",
+    "content_sha256",
+    "message",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRequest:
+    """One PATCH to send: the row it comes from and its body, serialised once."""
+
+    row: int
+    call_id: str
+    template_key: str | None
+    content_sha256: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowResult:
+    """What happened to one input row; one line of the result file."""
+
+    row: int
+    call_id: str | None
+    template_key: str | None
+    status: Status
+    content_sha256: str
+    error_code: str | None = None
+    retryable: bool = False
+    http_status: int | None = None
+    version: int | None = None
+    updated_at: str | None = None
+    attempts: int = 0
+    request_id: str | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result-file columns, in order."""
+        return {name: getattr(self, name) for name in RESULT_COLUMNS}
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """End-of-run figures; the same numbers as ``--json`` and the Python API."""
+
+    rows: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_error_code: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    rate_limited: int = 0
+    in_doubt_resent: int = 0
+    rate_limit: float | None = None
+    achieved_rate: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    elapsed_seconds: float = 0.0
+    exit_code: int = 0
+    stopped_reason: str | None = None
+    output: str | None = None
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary."""
+        return {name: getattr(self, name) for name in self.__slots__}

@@ -1,0 +1,127 @@
+"""Reading corrections with polars: streaming batches of ``row, call_id, template_key, content``.
+
+Nothing here judges a row; it only finds the columns, casts them to strings and numbers the rows
+(0-based, in file order). Memory stays bounded: CSV and NDJSON stream through
+``collect_batches``; Parquet is read a row group slice at a time (performance.md rules 8, L14–L16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat
+from allo_batch.errors import InputError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+ROW = "row"
+
+
+@dataclass(frozen=True, slots=True)
+class InputSource:
+    """An opened, checked input: the file, its format and which file column feeds each field."""
+
+    path: Path
+    format: InputFormat
+    columns: dict[str, str | None]
+    found: tuple[str, ...]
+
+    def lazy(self) -> pl.LazyFrame:
+        """The input as a lazy frame of ``row, call_id, template_key, content`` (strings)."""
+        import polars as pl
+
+        def col(name: str) -> pl.Expr:
+            source = self.columns[name]
+            if source is None:
+                return pl.lit(None, dtype=pl.String).alias(name)
+            return pl.col(source).cast(pl.String).alias(name)
+
+        frame = _scan(self.path, self.format)
+        return frame.with_row_index(ROW).select(
+            pl.col(ROW).cast(pl.Int64), col("call_id"), col("template_key"), col("content")
+        )
+
+
+def open_input(path: Path, fmt: InputFormat, mapping: dict[str, str] | None = None) -> InputSource:
+    """Check that ``path`` can be read and has the required columns; raise InputError if not."""
+    import polars as pl
+
+    if not path.exists():
+        msg = f"{path}: no such file"
+        raise InputError(msg)
+    if not path.is_file():
+        msg = f"{path}: not a file"
+        raise InputError(msg)
+    mapping = mapping or {}
+    try:
+        found = tuple(_scan(path, fmt).collect_schema().names())
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        if _is_empty(path):
+            found = ()
+        else:
+            msg = f"{path}: cannot read it as {fmt}: {_first_line(exc)}"
+            raise InputError(msg) from exc
+    if not found and _is_empty(path):
+        return InputSource(path, fmt, {n: None for n in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}, ())
+    columns: dict[str, str | None] = {}
+    missing = []
+    for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
+        source = mapping.get(name, name)
+        if source in found:
+            columns[name] = source
+        elif name in REQUIRED_COLUMNS:
+            missing.append(source if source == name else f"{source} (for {name})")
+        else:
+            columns[name] = None
+    if missing:
+        msg = (
+            f"{path}: missing required column {', '.join(missing)}; "
+            f"columns found: {', '.join(found) or '(none)'}"
+        )
+        raise InputError(msg)
+    return InputSource(path, fmt, columns, found)
+
+
+def iter_batches(source: InputSource, batch_size: int) -> Iterator[pl.DataFrame]:
+    """Yield the input in order, ``batch_size`` rows at a time, never all of it at once."""
+    import polars as pl
+
+    if not source.found:
+        return
+    try:
+        yield from source.lazy().collect_batches(chunk_size=batch_size, maintain_order=True)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        msg = f"{source.path}: cannot read it as {source.format}: {_first_line(exc)}"
+        raise InputError(msg) from exc
+
+
+def _scan(path: Path, fmt: InputFormat) -> pl.LazyFrame:
+    import polars as pl
+
+    if fmt == "parquet":
+        return pl.scan_parquet(path)
+    if fmt == "ndjson":
+        return pl.scan_ndjson(path, infer_schema_length=None)
+    # Every column as a string: ids like "00123" and free text must not be re-typed.
+    return pl.scan_csv(
+        path,
+        infer_schema=False,
+        encoding="utf8",
+        raise_if_empty=False,
+    )
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0 or not path.read_bytes()[:4096].strip(b"\xef\xbb\xbf \r\n")
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

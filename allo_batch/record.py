@@ -1,0 +1,305 @@
+"""Recording outcomes: the journal (crash-safe, as they arrive) and the result file (at the end).
+
+- The **journal** (``<output>.journal``) is append-only NDJSON, one ``os.write`` per line, so
+  everything written survives ``kill -9`` (the OS holds it); it is fsynced about once a second
+  against machine loss. A ``sent`` line precedes every request; a ``result`` line follows every
+  answered row. A torn last line is ignored when read.
+- The **result file** is assembled in input order while the run goes (a small reorder buffer
+  bounded by the rows in flight) into a temporary NDJSON beside the output, then converted to the
+  output's format and renamed into place: it appears whole or not at all.
+- The **done index** is what earlier runs of this output landed: for each ``(call_id,
+  template_key)`` the latest content hash that was ``updated``, with its version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from allo_batch.errors import UsageError
+from allo_batch.models import RowResult
+
+if TYPE_CHECKING:
+    import polars as pl
+
+OutputFormat = Literal["parquet", "csv", "ndjson"]
+_FSYNC_EVERY: Final = 1.0
+_CHUNK_ROWS: Final = 10_000
+NO_TEMPLATE: Final = ""
+
+
+def output_format(path: Path) -> OutputFormat:
+    """The result format from the output's extension."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".ndjson", ".jsonl"):
+        return "ndjson"
+    msg = f"--output {path}: use a .parquet, .csv or .ndjson file name"
+    raise UsageError(msg)
+
+
+def journal_path(output: Path) -> Path:
+    """Where the journal of ``output`` lives."""
+    return output.with_name(output.name + ".journal")
+
+
+def result_schema() -> dict[str, Any]:
+    """The result file's polars schema (DESIGN §3)."""
+    import polars as pl
+
+    return {
+        "row": pl.Int64,
+        "call_id": pl.String,
+        "template_key": pl.String,
+        "status": pl.String,
+        "error_code": pl.String,
+        "retryable": pl.Boolean,
+        "http_status": pl.Int64,
+        "version": pl.Int64,
+        "updated_at": pl.String,
+        "attempts": pl.Int64,
+        "request_id": pl.String,
+        "content_sha256": pl.String,
+        "message": pl.String,
+    }
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open with owner-only permissions (the files name calls of customers)."""
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+class Journal:
+    """Append-only NDJSON of requests sent and rows answered, safe against ``kill -9``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._last_sync = time.monotonic()
+        self._dirty = False
+        # A torn line left by a killed run must not glue itself to the next one.
+        if path.stat().st_size and not _ends_with_newline(path):
+            os.write(self._fd, b"\n")
+
+    def sent(self, row: int, call_id: str, template_key: str | None, sha: str, rid: str) -> None:
+        """Record that a request for ``row`` is about to go out."""
+        self._write(
+            {
+                "e": "sent",
+                "row": row,
+                "call_id": call_id,
+                "template_key": template_key,
+                "content_sha256": sha,
+                "request_id": rid,
+            }
+        )
+
+    def result(self, result: RowResult) -> None:
+        """Record a row's final outcome for this run."""
+        self._write({"e": "result", **result.as_dict()})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        os.write(self._fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        self._dirty = True
+        now = time.monotonic()
+        if now - self._last_sync >= _FSYNC_EVERY:
+            self.sync()
+
+    def sync(self) -> None:
+        """Push the journal to disk (against machine loss; kill -9 loses nothing anyway)."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        """Sync and close."""
+        with contextlib.suppress(OSError):
+            self.sync()
+        os.close(self._fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalFacts:
+    """What a journal left by earlier runs says."""
+
+    updated: list[dict[str, Any]]
+    in_doubt: int
+    torn_lines: int
+
+
+def read_journal(path: Path) -> JournalFacts:
+    """Outcomes and sent-but-unanswered requests of a journal; torn lines are skipped."""
+    updated: list[dict[str, Any]] = []
+    pending: dict[tuple[str, str, str], int] = {}
+    torn = 0
+    if not path.exists():
+        return JournalFacts(updated, 0, 0)
+    with path.open("rb") as handle:
+        for raw in handle:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                torn += 1
+                continue
+            if not isinstance(record, dict):
+                torn += 1
+                continue
+            key = (
+                str(record.get("call_id")),
+                record.get("template_key") or NO_TEMPLATE,
+                str(record.get("content_sha256")),
+            )
+            if record.get("e") == "sent":
+                pending[key] = pending.get(key, 0) + 1
+            elif record.get("e") == "result":
+                pending.pop(key, None)
+                if record.get("status") == "updated":
+                    updated.append(record)
+    return JournalFacts(updated, sum(1 for _ in pending), torn)
+
+
+def load_done_index(output: Path, journal: JournalFacts) -> pl.DataFrame:
+    """Latest landed content per ``(call_id, template_key)`` from the result file and journal."""
+    import polars as pl
+
+    columns = ["call_id", "template_key", "content_sha256", "version", "updated_at", "request_id"]
+    schema = {k: v for k, v in result_schema().items() if k in columns}
+    parts: list[pl.DataFrame] = []
+    if output.exists():
+        previous = read_results(output).lazy()
+        landed = (pl.col("status") == "updated") | (
+            (pl.col("status") == "skipped") & pl.col("version").is_not_null()
+        )
+        parts.append(previous.filter(landed).select(columns).collect())
+    if journal.updated:
+        parts.append(pl.DataFrame(journal.updated, schema=schema).select(columns))
+    if not parts:
+        return pl.DataFrame(schema={**schema, "template_key": pl.String})
+    # Later parts and later lines win: the journal is newer than the result file.
+    return (
+        pl.concat(parts)
+        .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE))
+        .unique(subset=["call_id", "template_key"], keep="last", maintain_order=True)
+    )
+
+
+def read_results(path: Path) -> pl.DataFrame:
+    """Read a result file of any supported format with the result schema."""
+    import polars as pl
+
+    fmt = output_format(path)
+    try:
+        if fmt == "parquet":
+            return pl.read_parquet(path)
+        if fmt == "csv":
+            return pl.read_csv(path, schema=result_schema())
+        return pl.read_ndjson(path, schema=result_schema())
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        msg = f"{path}: cannot read the earlier result file: {exc}"
+        raise UsageError(msg) from exc
+
+
+class OrderedResults:
+    """Collects results in any order and writes them in input order to a temporary NDJSON."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.temp = output.with_name(f".{output.name}.partial.ndjson")
+        self._fd = _open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._waiting: dict[int, RowResult] = {}
+        self._next = 0
+        self._chunk: list[bytes] = []
+        self.written = 0
+
+    def add(self, result: RowResult) -> None:
+        """Accept one row's result; rows are written as soon as all before them are in."""
+        self._waiting[result.row] = result
+        while self._next in self._waiting:
+            row = self._waiting.pop(self._next)
+            self._chunk.append(json.dumps(row.as_dict(), separators=(",", ":")).encode())
+            self._next += 1
+            if len(self._chunk) >= _CHUNK_ROWS:
+                self._flush()
+
+    def add_all(self, results: Iterable[RowResult]) -> None:
+        """Accept several results."""
+        for result in results:
+            self.add(result)
+
+    @property
+    def pending(self) -> int:
+        """Rows received out of order, waiting for an earlier row."""
+        return len(self._waiting)
+
+    def _flush(self) -> None:
+        if self._chunk:
+            os.write(self._fd, b"\n".join(self._chunk) + b"\n")
+            self.written += len(self._chunk)
+            self._chunk.clear()
+
+    def finish(self) -> None:
+        """Convert to the output's format and rename into place atomically."""
+        import polars as pl
+
+        if self._waiting:
+            msg = f"internal error: rows {sorted(self._waiting)[:5]} were never completed"
+            raise RuntimeError(msg)
+        self._flush()
+        os.close(self._fd)
+        fmt = output_format(self.output)
+        final_temp = self.output.with_name(f".{self.output.name}.tmp")
+        if fmt == "ndjson":
+            os.replace(self.temp, final_temp)
+        else:
+            frame = pl.scan_ndjson(self.temp, schema=result_schema())
+            if self.written == 0:
+                frame = pl.DataFrame(schema=result_schema()).lazy()
+            if fmt == "parquet":
+                frame.sink_parquet(final_temp)
+            else:
+                frame.sink_csv(final_temp)
+            self.temp.unlink()
+        os.chmod(final_temp, 0o600)
+        os.replace(final_temp, self.output)
+
+    def abandon(self) -> None:
+        """Drop the temporary file (the journal keeps what landed)."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self.temp.unlink()
+
+
+def sidecar_path(output: Path) -> Path:
+    """Where the run's own facts (input fingerprint, summary) live beside the output."""
+    return output.with_name(output.name + ".run.json")
+
+
+def write_sidecar(output: Path, facts: dict[str, Any]) -> None:
+    """Write the sidecar atomically, owner-only."""
+    path = sidecar_path(output)
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = _open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, json.dumps(facts, indent=2, sort_keys=True).encode() + b"\n")
+    finally:
+        os.close(fd)
+    os.replace(temp, path)

@@ -1,0 +1,182 @@
+"""Progress while the run goes and the end-of-run summary. The only home of tqdm.
+
+On a terminal a tqdm bar (rows/s, ETA, counts); otherwise a plain log line every
+``log_interval`` seconds for cron and Airflow logs. Progress is read from counters on a timer,
+never per row (performance.md rule 16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from allo_batch.models import STATUSES, RunSummary
+
+
+class Reporter(Protocol):
+    """Receives progress snapshots."""
+
+    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+        """Rows accounted for so far, per status, and the achieved request rate."""
+
+    def close(self) -> None:
+        """The run is over."""
+
+
+class NullReporter:
+    """Shows nothing (tests, ``--no-progress`` with no log interval, the Python API)."""
+
+    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+        """Ignore progress."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class TqdmReporter:
+    """A progress bar on stderr."""
+
+    def __init__(self, total: int | None) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
+        self._shown = 0
+
+    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+        """Advance the bar and show the counts."""
+        self._bar.set_postfix_str(_counts_text(counts, rate), refresh=False)
+        self._bar.update(done - self._shown)
+        self._shown = done
+
+    def close(self) -> None:
+        """Finish the bar."""
+        self._bar.close()
+
+
+class LogReporter:
+    """A plain line every ``interval`` seconds (not a terminal: cron, Airflow)."""
+
+    def __init__(self, total: int | None, interval: float, stream: TextIO | None = None) -> None:
+        self._total = total
+        self._interval = interval
+        self._stream = stream or sys.stderr
+        self._next = time.monotonic() + interval
+        self._started = time.monotonic()
+
+    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+        """Write a line when the interval has passed."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._interval
+        of = f"/{self._total}" if self._total is not None else ""
+        eta = ""
+        if self._total and done:
+            left = (self._total - done) * (now - self._started) / done
+            eta = f", ETA {_duration(left)}"
+        line = f"allo-batch: {done}{of} rows, {_counts_text(counts, rate)}{eta}"
+        print(line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _counts_text(counts: Counter[str], rate: float | None) -> str:
+    parts = [f"{s} {counts[s]}" for s in STATUSES if counts.get(s)]
+    if rate:
+        parts.append(f"{rate:.1f} req/s")
+    return ", ".join(parts) or "starting"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The end-of-run summary as a few human lines."""
+    lines = [f"allo-batch {'dry run' if summary.dry_run else 'run'}: {summary.rows} rows"]
+    for status in STATUSES:
+        if summary.by_status.get(status):
+            lines.append(f"  {status:<9} {summary.by_status[status]}")
+    if summary.by_error_code:
+        lines.append("  by error code:")
+        for code, count in sorted(summary.by_error_code.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    {code:<32} {count}")
+    if summary.requests:
+        rate = f"{summary.achieved_rate:.2f}/s" if summary.achieved_rate else "n/a"
+        limit = f" of a {summary.rate_limit:g}/s limit" if summary.rate_limit else ""
+        lines.append(
+            f"  requests  {summary.requests} at {rate}{limit}; 429s: {summary.rate_limited}"
+        )
+        if summary.latency_p50_ms is not None:
+            p50, p95 = summary.latency_p50_ms, summary.latency_p95_ms or 0.0
+            lines.append(f"  latency   p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    if summary.in_doubt_resent:
+        lines.append(
+            f"  resent {summary.in_doubt_resent} rows whose earlier answer was lost in flight"
+        )
+    if summary.stopped_reason:
+        lines.append(f"  stopped: {summary.stopped_reason}")
+    if summary.output:
+        lines.append(f"  results: {summary.output}")
+    lines.append(f"  exit code {summary.exit_code}")
+    return "\n".join(lines)
+
+
+def summary_json(summary: RunSummary) -> str:
+    """The summary as one JSON object."""
+    return json.dumps(summary.as_dict(), sort_keys=True)
+
+
+def summarize_file(path: Path) -> RunSummary:
+    """The summary of any result file, plus run figures from its sidecar when present."""
+    import polars as pl
+
+    from allo_batch.record import read_results, sidecar_path
+
+    frame = read_results(path)
+    by_status = dict(frame.group_by("status").len().iter_rows())
+    codes = frame.filter(pl.col("error_code").is_not_null()).group_by("error_code").len()
+    summary = RunSummary(
+        rows=frame.height,
+        by_status={k: int(v) for k, v in by_status.items()},
+        by_error_code={k: int(v) for k, v in codes.iter_rows()},
+        output=str(path),
+    )
+    sidecar: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        sidecar = json.loads(sidecar_path(path).read_text()).get("summary", {})
+    for name in (
+        "requests",
+        "rate_limited",
+        "rate_limit",
+        "achieved_rate",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "elapsed_seconds",
+        "stopped_reason",
+        "dry_run",
+        "in_doubt_resent",
+    ):
+        if name in sidecar:
+            setattr(summary, name, sidecar[name])
+    summary.exit_code = exit_code_for(summary.by_status, stopped=bool(summary.stopped_reason))
+    return summary
+
+
+def exit_code_for(by_status: dict[str, int], *, stopped: bool) -> int:
+    """0 when every row is updated or skipped; 1 when some are not; 3 when the run stopped."""
+    if stopped:
+        return 3
+    not_done = sum(by_status.get(s, 0) for s in ("invalid", "failed", "not_sent"))
+    return 1 if not_done else 0

@@ -1,0 +1,181 @@
+"""Pure, vectorised checks that mark rows the API would refuse, with the API's own codes.
+
+Per-row checks (DESIGN §4) are one polars expression evaluated per batch. Duplicate targets need a
+global view: :func:`find_duplicates` is one key-only pass over the whole input before anything is
+sent. It hashes ``(call_id, template_key)`` to find candidate groups cheaply, then confirms them on
+the real strings, so a hash collision can never mark a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
+from allo_batch.models import DUPLICATE_ROW
+from allo_batch.read import ROW
+
+if TYPE_CHECKING:
+    import polars as pl
+
+CODE: Final = "error_code"
+MESSAGE: Final = "message"
+REPEAT_OF: Final = "repeat_of"
+_SHOWN_ROWS: Final = 5
+
+
+def normalized_template() -> pl.Expr:
+    """``template_key`` with surrounding blanks removed and empty values as null."""
+    import polars as pl
+
+    key = pl.col("template_key").str.strip_chars()
+    return pl.when(key.str.len_bytes() > 0).then(key).otherwise(None).alias("template_key")
+
+
+def issue_code() -> pl.Expr:
+    """The first check a row fails, as the API's code, or null for a valid row."""
+    import polars as pl
+
+    call_id, content, template = pl.col("call_id"), pl.col("content"), pl.col("template_key")
+    # Bytes bound characters from above, so count characters only where bytes exceed the limit.
+    too_long = (content.str.len_bytes() > MAX_CONTENT_CHARS) & (
+        content.str.len_chars() > MAX_CONTENT_CHARS
+    )
+    return (
+        pl.when(call_id.is_null() | ~call_id.str.starts_with(CALL_PREFIX))
+        .then(pl.lit(Code.INVALID_ITEM_ID))
+        .when(content.is_null() | (content.str.strip_chars().str.len_bytes() == 0))
+        .then(pl.lit(Code.INVALID_REQUEST_BODY))
+        .when(too_long)
+        .then(pl.lit(Code.INVALID_REQUEST_BODY))
+        .when(template.is_not_null() & ~template.is_in(TEMPLATE_KEYS))
+        .then(pl.lit(Code.INVALID_REQUEST_BODY))
+        .otherwise(pl.lit(None, dtype=pl.String))
+        .alias(CODE)
+    )
+
+
+def issue_message() -> pl.Expr:
+    """A human reason naming the column, matching :func:`issue_code`."""
+    import polars as pl
+
+    call_id, content, template = pl.col("call_id"), pl.col("content"), pl.col("template_key")
+    return (
+        pl.when(call_id.is_null())
+        .then(pl.lit("column call_id: missing"))
+        .when(~call_id.str.starts_with(CALL_PREFIX))
+        .then(
+            pl.format(
+                "column call_id: '{}' is not a call id (must start with {})",
+                call_id.str.slice(0, 40),
+                pl.lit(CALL_PREFIX),
+            )
+        )
+        .when(content.is_null() | (content.str.strip_chars().str.len_bytes() == 0))
+        .then(pl.lit("column content: missing or blank"))
+        .when(content.str.len_bytes() > MAX_CONTENT_CHARS)
+        .then(
+            pl.format(
+                "column content: {} characters, over the API's maximum of {}",
+                content.str.len_chars(),
+                pl.lit(MAX_CONTENT_CHARS),
+            )
+        )
+        .otherwise(
+            pl.format(
+                "column template_key: '{}' is not one of {}",
+                template.str.slice(0, 40),
+                pl.lit(", ".join(TEMPLATE_KEYS)),
+            )
+        )
+        .alias(MESSAGE)
+    )
+
+
+def validate_batch(batch: pl.DataFrame, duplicates: Duplicates) -> pl.DataFrame:
+    """Add ``error_code``, ``message`` and ``repeat_of`` to a batch of read rows."""
+    import polars as pl
+
+    checked = batch.with_columns(normalized_template()).with_columns(issue_code())
+    checked = checked.with_columns(
+        pl.when(pl.col(CODE).is_not_null())
+        .then(issue_message())
+        .otherwise(pl.lit(None, dtype=pl.String))
+        .alias(MESSAGE)
+    )
+    marks = duplicates.frame
+    if marks.height == 0:
+        return checked.with_columns(pl.lit(None, dtype=pl.Int64).alias(REPEAT_OF))
+    joined = checked.join(marks, on=ROW, how="left", maintain_order="left")
+    conflict = pl.col("dup_message").is_not_null() & pl.col(CODE).is_null()
+    return joined.with_columns(
+        pl.when(conflict).then(pl.lit(DUPLICATE_ROW)).otherwise(pl.col(CODE)).alias(CODE),
+        pl.when(conflict).then(pl.col("dup_message")).otherwise(pl.col(MESSAGE)).alias(MESSAGE),
+    ).drop("dup_message")
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicates:
+    """Rows involved in duplicate targets: ``row``, ``dup_message`` (conflict) or ``repeat_of``."""
+
+    frame: pl.DataFrame
+
+    @property
+    def conflicting(self) -> int:
+        """How many rows are invalid because their target is given different content."""
+        return int(self.frame["dup_message"].is_not_null().sum()) if self.frame.height else 0
+
+
+def find_duplicates(lazy: pl.LazyFrame) -> Duplicates:
+    """One key-only pass: rows of valid targets given twice, as conflicts or plain repeats."""
+    import polars as pl
+
+    keyed = (
+        lazy.with_columns(normalized_template())
+        .filter(issue_code().is_null())
+        .select(
+            ROW,
+            "call_id",
+            "template_key",
+            pl.col("content").hash(seed=1).alias("content_hash"),
+            pl.struct("call_id", "template_key").hash(seed=2).alias("key_hash"),
+        )
+    )
+    candidates = keyed.group_by("key_hash").agg(pl.len()).filter(pl.col("len") > 1)
+    involved = (
+        keyed.join(candidates.select("key_hash"), on="key_hash", how="semi")
+        .drop("key_hash")
+        .collect(engine="streaming")
+    )
+    empty = pl.DataFrame(schema={ROW: pl.Int64, "dup_message": pl.String, REPEAT_OF: pl.Int64})
+    if involved.height == 0:
+        return Duplicates(empty)
+    target = ["call_id", "template_key"]
+    groups = involved.group_by(target).agg(
+        pl.col(ROW).sort().alias("rows"), pl.col("content_hash").n_unique().alias("contents")
+    )
+    conflicts = (
+        groups.filter(pl.col("contents") > 1)
+        .with_columns(
+            pl.format(
+                "rows {} give call {} (template {}) different content",
+                pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", "),
+                pl.col("call_id"),
+                pl.col("template_key").fill_null("(none)"),
+            ).alias("dup_message")
+        )
+        .explode("rows")
+        .select(pl.col("rows").alias(ROW), "dup_message", pl.lit(None, pl.Int64).alias(REPEAT_OF))
+    )
+    repeats = (
+        involved.join(
+            groups.filter(pl.col("contents") == 1).select(target),
+            on=target,
+            how="semi",
+            nulls_equal=True,
+        )
+        .with_columns(pl.col(ROW).min().over(target).alias(REPEAT_OF))
+        .filter(pl.col(ROW) != pl.col(REPEAT_OF))
+        .select(ROW, pl.lit(None, pl.String).alias("dup_message"), REPEAT_OF)
+    )
+    return Duplicates(pl.concat([conflicts, repeats]).sort(ROW))
