@@ -30,10 +30,11 @@ def classic(call: int) -> str:
     _, topic, step = rng.choice(TOPICS)
     return (
         f"# Call with {name} ({company})\n\n"
-        f"## Summary\n{name} called about {topic}. The customer said: \"we need this, "
-        f"ideally before month-end\", and asked for a written follow-up.\n\n"
+        f'## Summary\n{name} called about {topic}. The customer said: "we need this, '
+        f'ideally before month-end", and asked for a written follow-up.\n\n'
         f"## Key points\n- Account: {company}, ref #{call:05d}\n- Sentiment: "
-        f"{rng.choice(['positive', 'neutral', 'frustrated'])}\n- Budget, timeline, owner: confirmed\n\n"
+        f"{rng.choice(['positive', 'neutral', 'frustrated'])}\n"
+        "- Budget, timeline, owner: confirmed\n\n"
         f"## Next steps\n1. {step.capitalize()}\n2. Update the CRM record\n\n"
         f"_Corrected by a reviewer: names and figures checked._\n"
     )
@@ -52,7 +53,9 @@ def main() -> None:
         kind = i % 7
         if kind == 0:  # two completed templates: the row names which one
             calls.append({"id": call_id, "templates": ["MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL"]})
-            rows.append({"call_id": call_id, "template_key": "MARKDOWN_SHORT_CALL", "content": short(i)})
+            rows.append(
+                {"call_id": call_id, "template_key": "MARKDOWN_SHORT_CALL", "content": short(i)}
+            )
         elif kind == 3:
             calls.append({"id": call_id, "templates": ["MARKDOWN_SHORT_CALL"]})
             rows.append({"call_id": call_id, "template_key": None, "content": short(i)})
@@ -80,7 +83,9 @@ def main() -> None:
     ]
     for offset, row in enumerate(bad):
         rows.insert(25 * (offset + 1), row)
-    frame = pl.DataFrame(rows, schema={"call_id": pl.String, "template_key": pl.String, "content": pl.String})
+    frame = pl.DataFrame(
+        rows, schema={"call_id": pl.String, "template_key": pl.String, "content": pl.String}
+    )
     OUT.mkdir(exist_ok=True)
     frame.write_csv(OUT / "corrections.csv")
     frame.write_parquet(OUT / "corrections.parquet")
