@@ -125,10 +125,13 @@ async def _execute(
     output = config.output_path
     counts: Counter[str] = Counter()
     codes: Counter[str] = Counter()
+    deferred = Counter[str]()  # not_sent by design (dry run, --limit), not by a failure
     writer = OrderedResults(output)
     journal = None if config.dry_run else Journal(journal_path(output))
 
-    def emit(result: RowResult) -> None:
+    def emit(result: RowResult, *, planned: bool = False) -> None:
+        if planned and result.status == "not_sent":
+            deferred["rows"] += 1
         counts[result.status] += 1
         if result.error_code:
             codes[result.error_code] += 1
@@ -159,6 +162,8 @@ async def _execute(
         # The result file now holds every outcome the journal had.
         journal_path(output).unlink(missing_ok=True)
     summary = _summarize(config, prepared, counts, codes, sender, rate, started)
+    if sender is None or sender.stop_error is None:
+        summary.exit_code = exit_code_for(summary.by_status, deferred=deferred["rows"])
     write_sidecar(output, {"input": str(config.input.resolve()), "summary": summary.as_dict()})
     if sender is not None and sender.stop_error is not None:
         error = sender.stop_error
@@ -244,7 +249,7 @@ async def _preflight(client: Any, config: JobConfig) -> tuple[float, AlloBatchEr
 
 async def _produce(
     batches: Iterator[list[Planned]],
-    emit: Callable[[RowResult], None],
+    emit: Callable[..., None],
     send: Any,
     sender: Sender | None,
 ) -> None:
@@ -257,7 +262,7 @@ async def _produce(
             return
         for item in items:
             if isinstance(item, RowResult):
-                emit(item)
+                emit(item, planned=True)
             elif sender is None or sender.stopping:
                 emit(not_sent(item, sender))
             else:
@@ -359,6 +364,4 @@ def _summarize(
             summary.latency_p95_ms = round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 1)
     if stopped is not None:
         summary.exit_code = int(stopped.exit_code)
-    else:
-        summary.exit_code = exit_code_for(summary.by_status, stopped=False)
     return summary

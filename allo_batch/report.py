@@ -170,13 +170,20 @@ def summarize_file(path: Path) -> RunSummary:
     ):
         if name in sidecar:
             setattr(summary, name, sidecar[name])
-    summary.exit_code = exit_code_for(summary.by_status, stopped=bool(summary.stopped_reason))
+    if summary.stopped_reason:
+        summary.exit_code = int(sidecar.get("exit_code", 3))
+    else:
+        deferred = frame.filter(
+            (pl.col("status") == "not_sent")
+            & pl.col("message")
+            .str.starts_with("dry run")
+            .or_(pl.col("message").str.starts_with("beyond --limit"))
+        ).height
+        summary.exit_code = exit_code_for(summary.by_status, deferred=deferred)
     return summary
 
 
-def exit_code_for(by_status: dict[str, int], *, stopped: bool) -> int:
-    """0 when every row is updated or skipped; 1 when some are not; 3 when the run stopped."""
-    if stopped:
-        return 3
-    not_done = sum(by_status.get(s, 0) for s in ("invalid", "failed", "not_sent"))
-    return 1 if not_done else 0
+def exit_code_for(by_status: dict[str, int], *, deferred: int = 0) -> int:
+    """0 when every row is updated or skipped (``deferred`` not_sent rows aside), else 1."""
+    not_done = sum(by_status.get(s, 0) for s in ("invalid", "failed", "not_sent")) - deferred
+    return 1 if not_done > 0 else 0

@@ -1,0 +1,246 @@
+"""Reading and validation: usage errors name the file and columns; properties via Hypothesis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from allo_batch.cli import cli
+from allo_batch.constants import MAX_CONTENT_CHARS, TEMPLATE_KEYS
+from allo_batch.errors import InputError
+from allo_batch.read import iter_batches, open_input
+from allo_batch.validate import find_duplicates, validate_batch
+
+
+def run_cli(*args: str) -> Any:
+    return CliRunner().invoke(cli, list(args), env={"ALLO_API_KEY": "ak_x"}, catch_exceptions=False)
+
+
+class TestUsageErrors:
+    def test_missing_file_is_exit_2_naming_it(self, tmp_path: Path) -> None:
+        """A missing input exits 2 and names the file."""
+        result = run_cli("run", str(tmp_path / "nope.csv"), "--dry-run")
+        assert result.exit_code == 2
+        assert f"{tmp_path / 'nope.csv'}: no such file" in result.output
+
+    def test_missing_column_names_file_and_columns_found(self, tmp_path: Path) -> None:
+        """Without a content column: exit 2, the file, the missing column, the columns found."""
+        path = tmp_path / "x.csv"
+        path.write_text("call_id,summary\ncll-1,a\n")
+        result = run_cli("run", str(path), "--dry-run")
+        assert result.exit_code == 2
+        assert (
+            f"{path}: missing required column content; columns found: call_id, summary"
+            in result.output
+        )
+
+    def test_column_mapping(self, tmp_path: Path) -> None:
+        """--column content=new_summary reads a differently named column."""
+        path = tmp_path / "x.csv"
+        path.write_text("id,new_summary,other\ncll-1,a,z\n")
+        out = tmp_path / "r.csv"
+        result = run_cli(
+            "run",
+            str(path),
+            "--dry-run",
+            "--column",
+            "content=new_summary",
+            "--column",
+            "call_id=id",
+            "-o",
+            str(out),
+        )
+        assert result.exit_code == 0, result.output
+        assert pl.read_csv(out)["status"].to_list() == ["not_sent"]
+
+    def test_empty_file_gives_an_empty_result_and_exit_0(self, tmp_path: Path) -> None:
+        """An empty input is not an error: a result file with no rows."""
+        path = tmp_path / "empty.csv"
+        path.write_text("")
+        out = tmp_path / "r.parquet"
+        result = run_cli("run", str(path), "--dry-run", "-o", str(out))
+        assert result.exit_code == 0, result.output
+        assert pl.read_parquet(out).height == 0
+
+    def test_header_only_file_is_empty_too(self, tmp_path: Path) -> None:
+        """A CSV with only a header has zero rows."""
+        path = tmp_path / "h.csv"
+        path.write_text("call_id,content\n")
+        result = run_cli("run", str(path), "--dry-run", "-o", str(tmp_path / "r.csv"))
+        assert result.exit_code == 0, result.output
+
+    def test_plain_http_to_a_remote_host_is_refused(self, tmp_path: Path) -> None:
+        """The key never travels over plain http, except to loopback."""
+        path = tmp_path / "x.csv"
+        path.write_text("call_id,content\ncll-1,a\n")
+        result = run_cli("run", str(path), "--base-url", "http://api.example.com")
+        assert result.exit_code == 2
+        assert "plain http is allowed only to a loopback host" in result.output
+
+    def test_no_key_is_a_usage_error(self, tmp_path: Path) -> None:
+        """Without ALLO_API_KEY or --api-key-file, nothing is sent: exit 2."""
+        path = tmp_path / "x.csv"
+        path.write_text("call_id,content\ncll-1,a\n")
+        result = CliRunner().invoke(cli, ["run", str(path)], env={"ALLO_API_KEY": ""})
+        assert result.exit_code == 2
+        assert "no API key" in result.output
+
+    def test_unknown_extension_asks_for_format(self, tmp_path: Path) -> None:
+        """A .txt input needs --format."""
+        path = tmp_path / "x.txt"
+        path.write_text("call_id,content\ncll-1,a\n")
+        assert "use --format" in run_cli("run", str(path), "--dry-run").output
+        assert (
+            run_cli(
+                "run", str(path), "--dry-run", "--format", "csv", "-o", str(tmp_path / "r.csv")
+            ).exit_code
+            == 0
+        )
+
+    def test_validate_command_reports_and_exits_1(self, tmp_path: Path) -> None:
+        """validate prints counts per code with row numbers and exits 1 on invalid rows."""
+        path = tmp_path / "x.csv"
+        path.write_text("call_id,content\ncll-1,a\nmsg-2,b\ncll-3,\n")
+        result = run_cli("validate", str(path))
+        assert result.exit_code == 1
+        assert "3 rows, 1 valid, 2 invalid" in result.output
+        assert "row 1: column call_id: 'msg-2' is not a call id" in result.output
+        assert "row 2: column content: missing or blank" in result.output
+
+    def test_unreadable_parquet_is_exit_2(self, tmp_path: Path) -> None:
+        """A file that is not Parquet is named with the reason."""
+        path = tmp_path / "bad.parquet"
+        path.write_bytes(b"not parquet at all")
+        with pytest.raises(InputError, match=r"bad\.parquet: cannot read it as parquet"):
+            open_input(path, "parquet")
+
+
+def test_csv_with_bom_crlf_and_multiline_markdown(tmp_path: Path) -> None:
+    """UTF-8 BOM, CRLF line ends and quoted multi-line markdown with commas and quotes."""
+    path = tmp_path / "x.csv"
+    body = '# Title\r\n- a, b\r\n> "quoted"'
+    path.write_bytes(
+        b"\xef\xbb\xbfcontent,call_id\r\n"
+        + f'"{body.replace(chr(34), chr(34) * 2)}",cll-1\r\n'.encode()
+    )
+    [batch] = list(iter_batches(open_input(path, "csv"), 100))
+    assert batch.rows() == [(0, "cll-1", None, body)]
+
+
+# -- properties --------------------------------------------------------------------------------
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+rows_strategy = st.lists(
+    st.fixed_dictionaries(
+        {
+            "call_id": st.one_of(
+                st.none(), st.sampled_from(["cll-1", "cll-2", "msg-1", "x"]), text
+            ),
+            "template_key": st.one_of(st.none(), st.sampled_from([*TEMPLATE_KEYS, "BAD", ""])),
+            "content": st.one_of(st.none(), st.sampled_from(["a", "b", " ", ""]), text),
+        }
+    ),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=rows_strategy, fmt=st.sampled_from(["csv", "parquet", "ndjson"]), batch=st.integers(1, 7)
+)
+def test_any_written_file_round_trips(
+    tmp_path: Path, rows: list[dict[str, Any]], fmt: str, batch: int
+) -> None:
+    """Whatever polars writes, the reader returns the same rows in order, in any batch size."""
+    frame = pl.DataFrame(
+        rows, schema={"call_id": pl.String, "template_key": pl.String, "content": pl.String}
+    )
+    path = tmp_path / f"in.{fmt}"
+    if fmt == "csv":
+        frame.write_csv(path)  # polars quotes "" and leaves null empty: both survive
+    elif fmt == "parquet":
+        frame.write_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = open_input(path, fmt)  # type: ignore[arg-type]
+    read = pl.concat(list(iter_batches(source, batch))) if rows else None
+    if not rows:
+        assert read is None or read.height == 0
+        return
+    assert read is not None
+    assert read["row"].to_list() == list(range(len(rows)))
+    assert read.select("call_id", "template_key", "content").rows() == frame.rows()
+
+
+def reference_codes(rows: list[dict[str, Any]]) -> list[str | None]:
+    """A plain-Python statement of DESIGN §4, to hold the vectorised checks to."""
+
+    def own(row: dict[str, Any]) -> str | None:
+        call_id, content = row["call_id"], row["content"]
+        template = (row["template_key"] or "").strip() or None
+        if call_id is None or not call_id.startswith("cll-"):
+            return "INVALID_ITEM_ID"
+        if content is None or not content.strip() or len(content) > MAX_CONTENT_CHARS:
+            return "INVALID_REQUEST_BODY"
+        if template is not None and template not in TEMPLATE_KEYS:
+            return "INVALID_REQUEST_BODY"
+        return None
+
+    codes = [own(r) for r in rows]
+    targets: dict[tuple[str, str | None], set[str]] = {}
+    for row, code in zip(rows, codes, strict=True):
+        if code is None:
+            key = (row["call_id"], (row["template_key"] or "").strip() or None)
+            targets.setdefault(key, set()).add(row["content"])
+    for i, row in enumerate(rows):
+        if codes[i] is None:
+            key = (row["call_id"], (row["template_key"] or "").strip() or None)
+            if len(targets[key]) > 1:
+                codes[i] = "DUPLICATE_ROW"
+    return codes
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=rows_strategy)
+def test_validation_agrees_with_the_reference(rows: list[dict[str, Any]]) -> None:
+    """The vectorised checks give exactly the reference codes, duplicates included."""
+    frame = pl.DataFrame(
+        [{"row": i, **r} for i, r in enumerate(rows)],
+        schema={
+            "row": pl.Int64,
+            "call_id": pl.String,
+            "template_key": pl.String,
+            "content": pl.String,
+        },
+    )
+    checked = validate_batch(frame, find_duplicates(frame.lazy()))
+    assert checked["error_code"].to_list() == reference_codes(rows)
+
+
+def test_length_limit_counts_characters_not_bytes() -> None:
+    """100,000 multi-byte characters are fine; 100,001 are not."""
+    frame = pl.DataFrame(
+        {
+            "row": [0, 1],
+            "call_id": ["cll-1", "cll-2"],
+            "template_key": [None, None],
+            "content": ["é" * MAX_CONTENT_CHARS, "é" * (MAX_CONTENT_CHARS + 1)],
+        },
+        schema={
+            "row": pl.Int64,
+            "call_id": pl.String,
+            "template_key": pl.String,
+            "content": pl.String,
+        },
+    )
+    checked = validate_batch(frame, find_duplicates(frame.lazy()))
+    assert checked["error_code"].to_list() == [None, "INVALID_REQUEST_BODY"]

@@ -1,0 +1,296 @@
+"""`allo-batch run` end to end: the CLI against a sandbox on 127.0.0.1, proven from its state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from allo_batch.cli import cli
+from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.sandbox.world import load_world_file
+from tests.conftest import SandboxFactory
+
+KEY = "ak_test_secret_9f8e7d6c5b4a"
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
+
+# What the sandbox world of sample_data/ makes the API answer for the rows that pass local checks.
+EXPECTED_API_REFUSALS = {
+    "cll-900001": "SUMMARY_TEMPLATE_KEY_REQUIRED",
+    "cll-900002": "SUMMARY_TEMPLATE_NOT_FOUND",
+    "cll-900003": "SUMMARY_TEMPLATE_NOT_FOUND",
+    "cll-999999": "CONVERSATION_ITEM_NOT_FOUND",
+}
+
+
+def invoke(args: list[str], *, key: str | None = KEY) -> Any:
+    env = {"ALLO_API_KEY": key} if key else {}
+    return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+
+
+def sample_world(write_rate: int) -> Any:
+    world = load_world_file(SAMPLE / "world.json")
+    world.add_key(ApiKey(key=KEY, write_per_second=write_rate))
+    return world
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_end_state(results: pl.DataFrame, state: dict[str, Any], source: Path) -> None:
+    """Every valid row landed exactly once in the right place; every other row has its code."""
+    rows = pl.read_csv(source, infer_schema=False)
+    landed = {(s["call_id"], s["template_key"]): s for s in state["summaries"] if s["writes"]}
+    assert results.height == rows.height
+    assert results["row"].to_list() == list(range(rows.height))
+    updated = results.filter(pl.col("status") == "updated")
+    written = {}
+    for row in updated.iter_rows(named=True):
+        content = rows["content"][row["row"]]
+        assert row["content_sha256"] == sha(content)
+        written[row["call_id"]] = row
+    # Each summary that changed was written exactly once, with the content of its row.
+    assert len(landed) == updated.height
+    for (call_id, _template), summary in landed.items():
+        assert summary["writes"] == 1, call_id
+        assert summary["content_sha256"] == written[call_id]["content_sha256"]
+        assert summary["version"] == written[call_id]["version"] == 2
+    codes = dict(
+        results.filter(pl.col("status").is_in(["invalid", "failed"]))
+        .select("call_id", "error_code")
+        .drop_nulls("call_id")
+        .iter_rows()
+    )
+    for call_id, code in EXPECTED_API_REFUSALS.items():
+        assert codes[call_id] == code
+    assert codes["msg-000042"] == "INVALID_ITEM_ID"
+    assert codes["cll-000502"] == "INVALID_REQUEST_BODY"
+    assert codes["cll-000503"] == "INVALID_REQUEST_BODY"
+    assert codes["cll-000011"] == "DUPLICATE_ROW"
+    by_status = results.group_by("status").len().to_dicts()
+    assert {d["status"]: d["len"] for d in by_status} == {
+        "updated": 279,
+        "skipped": 1,
+        "invalid": 8,
+        "failed": 4,
+    }
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param(None, id="no-faults"),
+        pytest.param("latency=5ms,jitter=5ms,500=0.05,502=0.03,503=0.05,drop=0.03", id="faults"),
+    ],
+)
+def test_sample_corrections_land_exactly_once(
+    sandbox_factory: SandboxFactory, tmp_path: Path, faults: str | None
+) -> None:
+    """The sample file's valid rows land once each; refusals carry the API's codes; exit 1."""
+    output = tmp_path / "out.results.csv"
+    with sandbox_factory(sample_world(200), api_key=KEY, faults=faults, seed=11) as sandbox:
+        result = invoke(
+            [
+                "run",
+                str(SAMPLE / "corrections.csv"),
+                "--base-url",
+                sandbox.base_url,
+                "-o",
+                str(output),
+                "--json",
+                "--max-attempts",
+                "8",
+            ]
+        )
+        state = sandbox.state()
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rate_limited"] == 0 == state["counters"].get("rate_limited", 0)
+    check_end_state(
+        pl.read_csv(output, infer_schema_length=None), state, SAMPLE / "corrections.csv"
+    )
+    if faults:
+        assert summary["requests"] > 283
+        assert sum(v for k, v in state["counters"].items() if k.startswith("fault_")) > 0
+
+
+def test_rerun_sends_nothing_and_carries_versions(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A second run with the same output sends no request; skipped rows keep their versions."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,content\ncll-1,one\ncll-2,two\n")
+    output = tmp_path / "in.results.parquet"
+    world = build_world(api_key=KEY, write_rate=100, seed_pairs=[("cll-1", None), ("cll-2", None)])
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        args = ["run", str(source), "--base-url", sandbox.base_url, "-o", str(output), "--json"]
+        first = invoke(args)
+        second = invoke(args)
+        state = sandbox.state()
+    assert (first.exit_code, second.exit_code) == (0, 0)
+    assert json.loads(second.stdout)["requests"] == 0
+    assert state["counters"]["writes_applied"] == 2
+    again = pl.read_parquet(output)
+    assert again["status"].to_list() == ["skipped", "skipped"]
+    assert again["version"].to_list() == [2, 2]
+    # An edited row goes again; the other stays skipped.
+    source.write_text("call_id,content\ncll-1,one\ncll-2,two edited\n")
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        third = invoke(["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)])
+    assert third.exit_code == 0
+    assert pl.read_parquet(output)["status"].to_list() == ["skipped", "updated"]
+
+
+def test_pacing_at_a_low_limit_gives_zero_429s(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """At a 4/s key limit read from /me, 20 rows with 6 workers get no 429 from the sandbox."""
+    source = tmp_path / "in.ndjson"
+    source.write_text(
+        "".join(json.dumps({"call_id": f"cll-{i}", "content": f"c{i}"}) + "\n" for i in range(20))
+    )
+    world = build_world(
+        api_key=KEY, write_rate=4, seed_pairs=[(f"cll-{i}", None) for i in range(20)]
+    )
+    with sandbox_factory(world, api_key=KEY, faults="latency=30ms,jitter=20ms") as sandbox:
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "--base-url",
+                sandbox.base_url,
+                "-o",
+                str(tmp_path / "r.ndjson"),
+                "--concurrency",
+                "6",
+                "--json",
+            ]
+        )
+        counters = sandbox.state()["counters"]
+    assert result.exit_code == 0, result.output
+    assert counters["writes_applied"] == 20
+    assert counters.get("rate_limited", 0) == 0
+    assert json.loads(result.stdout)["rate_limit"] == 4
+
+
+def test_the_key_never_appears_in_any_output(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """Not on stdout/stderr, not in the result file, sidecar or journal, even on refusals."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,content\ncll-1,one\ncll-404,two\nmsg-1,three\n")
+    world = build_world(api_key=KEY, write_rate=100, seed_pairs=[("cll-1", None)])
+    output = tmp_path / "in.results.csv"
+    with sandbox_factory(world, api_key=KEY, faults="500=0.3", seed=2) as sandbox:
+        ok = invoke(["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)])
+        bad = invoke(
+            ["run", str(source), "--base-url", sandbox.base_url, "-o", str(tmp_path / "b.csv")],
+            key="ak_wrong_key_123",
+        )
+    texts = [ok.output, bad.output, *(p.read_text() for p in tmp_path.iterdir() if p.is_file())]
+    assert ok.exit_code == 1 and bad.exit_code == 3
+    for text in texts:
+        assert KEY not in text
+        assert "ak_wrong_key_123" not in text
+
+
+def test_revoked_or_wrong_key_stops_at_once_with_exit_3(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """401 at /me: nothing is sent, every row is not_sent, exit 3."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,content\ncll-1,one\ncll-2,two\n")
+    output = tmp_path / "r.csv"
+    with sandbox_factory(build_world(api_key=KEY), api_key=KEY) as sandbox:
+        result = invoke(
+            ["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)], key="ak_nope"
+        )
+        counters = sandbox.state()["counters"]
+    assert result.exit_code == 3
+    assert "API_KEY_INVALID" in result.output
+    assert counters.get("writes_applied", 0) == 0
+    assert pl.read_csv(output)["status"].to_list() == ["not_sent", "not_sent"]
+
+
+def test_missing_scope_is_refused_before_sending(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A key without CONVERSATIONS_WRITE (per /me) stops the run before any PATCH."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,content\ncll-1,one\n")
+    world = build_world(api_key="ak_full")
+    world.add_key(ApiKey(key=KEY, scopes=("CONVERSATIONS_READ",)))
+    with sandbox_factory(world, api_key="ak_full") as sandbox:
+        result = invoke(
+            ["run", str(source), "--base-url", sandbox.base_url, "-o", str(tmp_path / "r.csv")]
+        )
+        counters = sandbox.state()["counters"]
+    assert result.exit_code == 3
+    assert "CONVERSATIONS_WRITE" in result.output
+    assert "status_403" not in counters and counters.get("writes_applied", 0) == 0
+
+
+def test_max_errors_stops_the_run(sandbox_factory: SandboxFactory, tmp_path: Path) -> None:
+    """After N failed rows the run stops with exit 3; the rest are not_sent."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,content\n" + "".join(f"cll-missing{i},x\n" for i in range(30)))
+    output = tmp_path / "r.csv"
+    with sandbox_factory(build_world(api_key=KEY, write_rate=200), api_key=KEY) as sandbox:
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "--base-url",
+                sandbox.base_url,
+                "-o",
+                str(output),
+                "--max-errors",
+                "3",
+                "--concurrency",
+                "1",
+            ]
+        )
+    assert result.exit_code == 3
+    statuses = pl.read_csv(output)["status"].to_list()
+    assert statuses.count("failed") == 3
+    assert statuses.count("not_sent") == 27
+
+
+def test_dry_run_sends_nothing_and_writes_the_plan(tmp_path: Path) -> None:
+    """--dry-run needs no key and no network; valid rows are not_sent 'would be sent'."""
+    output = tmp_path / "plan.csv"
+    result = invoke(
+        ["run", str(SAMPLE / "corrections.parquet"), "--dry-run", "-o", str(output)], key=None
+    )
+    assert result.exit_code == 1  # the sample has invalid rows
+    plan = pl.read_csv(output, infer_schema_length=None)
+    assert plan.height == 292
+    assert plan.filter(pl.col("status") == "not_sent").height == 283
+    assert set(plan["status"]) == {"not_sent", "invalid", "skipped"}
+
+
+def test_sandbox_flag_runs_against_an_embedded_simulator(tmp_path: Path) -> None:
+    """--sandbox seeds a simulator from the input: every valid row lands, exit 0."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,template_key,content\ncll-1,,a\ncll-2,MARKDOWN_SHORT_CALL,b\n")
+    result = invoke(
+        [
+            "run",
+            str(source),
+            "--sandbox",
+            "--sandbox-rate",
+            "50",
+            "-o",
+            str(tmp_path / "r.csv"),
+            "--json",
+        ],
+        key=None,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["by_status"] == {"updated": 2}
