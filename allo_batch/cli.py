@@ -98,6 +98,16 @@ def sandbox(
 
 
 _FORMATS = click.Choice(["csv", "parquet", "ndjson"])
+_format_option = click.option(
+    "--format", "input_format", type=_FORMATS, help="Input format [default: from the extension]."
+)
+_column_option = click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    metavar="NAME=FILE_COLUMN",
+    help="Map a field to a differently named column, e.g. content=new_summary.",
+)
 
 
 def _fail(error: Exception) -> NoReturn:
@@ -116,16 +126,8 @@ def _fail(error: Exception) -> NoReturn:
     type=click.Path(path_type=Path),
     help="Result file (.parquet, .csv, .ndjson) [default: <INPUT stem>.results.parquet].",
 )
-@click.option(
-    "--format", "input_format", type=_FORMATS, help="Input format [default: from the extension]."
-)
-@click.option(
-    "--column",
-    "columns",
-    multiple=True,
-    metavar="NAME=FILE_COLUMN",
-    help="Map a field to a differently named column, e.g. content=new_summary.",
-)
+@_format_option
+@_column_option
 @click.option(
     "--base-url",
     envvar="ALLO_BASE_URL",
@@ -310,16 +312,8 @@ def _print_summary(summary: Any, *, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option(
-    "--format", "input_format", type=_FORMATS, help="Input format [default: from the extension]."
-)
-@click.option(
-    "--column",
-    "columns",
-    multiple=True,
-    metavar="NAME=FILE_COLUMN",
-    help="Map a field to a differently named column.",
-)
+@_format_option
+@_column_option
 @click.option(
     "--show",
     type=click.IntRange(min=0),
