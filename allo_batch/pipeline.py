@@ -88,6 +88,7 @@ async def run_job_async(
             raise UsageError(msg)
     prepared = await anyio.to_thread.run_sync(_prepare, config, output)
     reporter = reporter or NullReporter()
+    reporter.start(prepared.total)
     if config.dry_run:
         return await _execute(config, prepared, reporter, None, None, transport)
     if config.sandbox is not None:

@@ -21,6 +21,9 @@ from allo_batch.models import STATUSES, RunSummary
 class Reporter(Protocol):
     """Receives progress snapshots."""
 
+    def start(self, total: int) -> None:
+        """The input has ``total`` rows."""
+
     def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
         """Rows accounted for so far, per status, and the achieved request rate."""
 
@@ -30,6 +33,9 @@ class Reporter(Protocol):
 
 class NullReporter:
     """Shows nothing (tests, ``--no-progress`` with no log interval, the Python API)."""
+
+    def start(self, total: int) -> None:
+        """Ignore the total."""
 
     def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
         """Ignore progress."""
@@ -46,6 +52,11 @@ class TqdmReporter:
 
         self._bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
         self._shown = 0
+
+    def start(self, total: int) -> None:
+        """Set the bar's total so it shows a percentage and an ETA."""
+        self._bar.total = total
+        self._bar.refresh()
 
     def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
         """Advance the bar and show the counts."""
@@ -68,13 +79,18 @@ class LogReporter:
         self._next = time.monotonic() + interval
         self._started = time.monotonic()
 
+    def start(self, total: int) -> None:
+        """Remember the total for percentages and the ETA."""
+        self._total = total
+        self._started = time.monotonic()
+
     def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
         """Write a line when the interval has passed."""
         now = time.monotonic()
         if now < self._next:
             return
         self._next = now + self._interval
-        of = f"/{self._total}" if self._total is not None else ""
+        of = f"/{self._total} ({100 * done // max(self._total, 1)}%)" if self._total else ""
         eta = ""
         if self._total and done:
             left = (self._total - done) * (now - self._started) / done
