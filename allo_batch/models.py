@@ -13,6 +13,10 @@ DUPLICATE_ROW: Final = "DUPLICATE_ROW"
 TIMEOUT: Final = "TIMEOUT"
 CONNECTION_ERROR: Final = "CONNECTION_ERROR"
 
+# Messages of rows left unsent by design; `report` recognises them by these prefixes.
+DRY_RUN_MESSAGE: Final = "dry run: would be sent"
+LIMIT_MESSAGE_PREFIX: Final = "beyond --limit"
+
 RESULT_COLUMNS: Final = (
     "row",
     "call_id",

@@ -162,9 +162,7 @@ async def _execute(
         journal.close()
         # The result file now holds every outcome the journal had.
         journal_path(output).unlink(missing_ok=True)
-    summary = _summarize(config, prepared, counts, codes, sender, rate, started)
-    if sender is None or sender.stop_error is None:
-        summary.exit_code = exit_code_for(summary.by_status, deferred=deferred["rows"])
+    summary = _summarize(config, prepared, counts, codes, deferred["rows"], sender, rate, started)
     write_sidecar(output, {"input": str(config.input.resolve()), "summary": summary.as_dict()})
     if sender is not None and sender.stop_error is not None:
         error = sender.stop_error
@@ -337,6 +335,7 @@ def _summarize(
     prepared: _Prepared,
     counts: Counter[str],
     codes: Counter[str],
+    deferred: int,
     sender: Sender | None,
     rate: float | None,
     started: float,
@@ -365,4 +364,6 @@ def _summarize(
             summary.latency_p95_ms = round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 1)
     if stopped is not None:
         summary.exit_code = int(stopped.exit_code)
+    else:
+        summary.exit_code = exit_code_for(summary.by_status, deferred=deferred)
     return summary

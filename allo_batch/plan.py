@@ -11,7 +11,12 @@ import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from allo_batch.models import PlannedRequest, RowResult
+from allo_batch.models import (
+    DRY_RUN_MESSAGE,
+    LIMIT_MESSAGE_PREFIX,
+    PlannedRequest,
+    RowResult,
+)
 from allo_batch.record import NO_TEMPLATE
 from allo_batch.validate import CODE, MESSAGE, REPEAT_OF
 
@@ -100,7 +105,7 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
                 status="not_sent",
                 content_sha256=sha,
                 retryable=True,
-                message=f"beyond --limit {limit}",
+                message=f"{LIMIT_MESSAGE_PREFIX} {limit}",
             )
         elif code is not None:
             yield RowResult(
@@ -129,7 +134,7 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
                 status="not_sent",
                 content_sha256=sha,
                 retryable=True,
-                message="dry run: would be sent",
+                message=DRY_RUN_MESSAGE,
             )
         else:
             yield PlannedRequest(

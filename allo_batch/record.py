@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -238,16 +237,6 @@ class OrderedResults:
             self._next += 1
             if len(self._chunk) >= _CHUNK_ROWS:
                 self._flush()
-
-    def add_all(self, results: Iterable[RowResult]) -> None:
-        """Accept several results."""
-        for result in results:
-            self.add(result)
-
-    @property
-    def pending(self) -> int:
-        """Rows received out of order, waiting for an earlier row."""
-        return len(self._waiting)
 
     def _flush(self) -> None:
         if self._chunk:

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from allo_batch.models import STATUSES, RunSummary
+from allo_batch.models import DRY_RUN_MESSAGE, LIMIT_MESSAGE_PREFIX, STATUSES, RunSummary
 
 
 class Reporter(Protocol):
@@ -192,8 +192,8 @@ def summarize_file(path: Path) -> RunSummary:
         deferred = frame.filter(
             (pl.col("status") == "not_sent")
             & pl.col("message")
-            .str.starts_with("dry run")
-            .or_(pl.col("message").str.starts_with("beyond --limit"))
+            .str.starts_with(DRY_RUN_MESSAGE)
+            .or_(pl.col("message").str.starts_with(LIMIT_MESSAGE_PREFIX))
         ).height
         summary.exit_code = exit_code_for(summary.by_status, deferred=deferred)
     return summary
