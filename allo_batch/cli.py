@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,6 +19,30 @@ import click
 @click.version_option(package_name="allo-batch")
 def cli() -> None:
     """Apply corrected Allo call summaries in bulk: rate-limited, resumable, accounted for."""
+    _setup_logging()
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at the time of writing (click's test runner swaps it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _setup_logging() -> None:
+    """Warnings (a lock taken over, --force) go to stderr, one line each."""
+    import logging
+
+    log = logging.getLogger("allo_batch")
+    if not log.handlers:
+        handler = logging.StreamHandler(_CurrentStderr())
+        handler.setFormatter(logging.Formatter("allo-batch: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 @cli.command()
@@ -173,6 +199,11 @@ def _fail(error: Exception) -> NoReturn:
     help="Read, validate and plan; send nothing; still write the result file.",
 )
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Write into an --output that holds results of a different input.",
+)
+@click.option(
     "--sandbox",
     "use_sandbox",
     is_flag=True,
@@ -224,6 +255,7 @@ def run(
     max_errors: int | None,
     limit: int | None,
     dry_run: bool,
+    force: bool,
     use_sandbox: bool,
     sandbox_world: Path | None,
     sandbox_rate: int,
@@ -237,7 +269,8 @@ def run(
     \b
     Exit codes: 0 every row updated (now or earlier), 1 some rows invalid or failed,
     2 bad usage or unreadable input (nothing sent), 3 stopped early (key refused,
-    --max-errors, API unavailable), 130 interrupted (a rerun resumes).
+    --max-errors, API unavailable, another run holds the output), 130 interrupted
+    (a rerun resumes).
 
     \b
     Example:
@@ -253,40 +286,42 @@ def run(
     from allo_batch.constants import DEFAULT_BASE_URL
     from allo_batch.errors import AlloBatchError
 
-    try:
-        config = JobConfig(
-            input=input_path,
-            output=output,
-            input_format=input_format,  # type: ignore[arg-type]
-            columns=parse_column_mapping(columns),
-            base_url=base_url or DEFAULT_BASE_URL,
-            api_key=None if use_sandbox else api_key_from(key_file=api_key_file),
-            rate=rate,
-            concurrency=concurrency,
-            timeout=timeout,
-            retry=RetryPolicy(max_attempts=max_attempts),
-            max_errors=max_errors,
-            limit=limit,
-            dry_run=dry_run,
-            sandbox=SandboxOptions(
-                world_file=sandbox_world,
-                write_rate=sandbox_rate,
-                faults=sandbox_faults,
-                seed=sandbox_seed,
+    with _exit_130_on_signals():
+        try:
+            config = JobConfig(
+                input=input_path,
+                output=output,
+                input_format=input_format,  # type: ignore[arg-type]
+                columns=parse_column_mapping(columns),
+                base_url=base_url or DEFAULT_BASE_URL,
+                api_key=None if use_sandbox else api_key_from(key_file=api_key_file),
+                rate=rate,
+                concurrency=concurrency,
+                timeout=timeout,
+                retry=RetryPolicy(max_attempts=max_attempts),
+                max_errors=max_errors,
+                limit=limit,
+                dry_run=dry_run,
+                force=force,
+                sandbox=SandboxOptions(
+                    world_file=sandbox_world,
+                    write_rate=sandbox_rate,
+                    faults=sandbox_faults,
+                    seed=sandbox_seed,
+                )
+                if use_sandbox
+                else None,
+                progress=sys.stderr.isatty() if progress is None else progress,
             )
-            if use_sandbox
-            else None,
-            progress=sys.stderr.isatty() if progress is None else progress,
-        )
-        summary = _run_with_reporter(config)
-    except AlloBatchError as error:
-        summary = getattr(error, "summary", None)
-        if summary is None:
+            summary = _run_with_reporter(config)
+        except AlloBatchError as error:
+            summary = getattr(error, "summary", None)
+            if summary is None:
+                _fail(error)
+            _print_summary(summary, as_json=as_json)
             _fail(error)
         _print_summary(summary, as_json=as_json)
-        _fail(error)
-    _print_summary(summary, as_json=as_json)
-    sys.exit(summary.exit_code)
+        sys.exit(summary.exit_code)
 
 
 def _run_with_reporter(config: Any) -> Any:
@@ -355,6 +390,38 @@ def report(result: Path, as_json: bool) -> None:
     except AlloBatchError as error:
         _fail(error)
     click.echo(summary_json(summary) if as_json else format_summary(summary))
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM outside the send phase (click would turn KeyboardInterrupt into exit 1)."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _exit_130_on_signals() -> Iterator[None]:
+    """For ``run``: while rows are being sent, the run itself handles SIGINT and SIGTERM (stop,
+    grace, record, exit 130). Before and after that phase a signal ends the process at once with
+    exit 130: the journal keeps whatever landed, and a rerun resumes."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, _interrupt)
+    try:
+        yield
+    except _Interrupted as stop:
+        name = signal.Signals(stop.args[0]).name
+        click.echo(f"allo-batch: interrupted by {name}; a rerun resumes from here", err=True)
+        sys.exit(130)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import statistics
 import threading
@@ -21,18 +22,19 @@ from allo_batch.errors import (
     AlloBatchError,
     AuthRefusedError,
     InterruptedRunError,
+    OutputConflictError,
     UsageError,
 )
+from allo_batch.lock import OutputLock
 from allo_batch.models import PlannedRequest, RowResult, RunSummary
 from allo_batch.plan import Planned, attach_done, plan_batch
-from allo_batch.read import InputSource, iter_batches, open_input
+from allo_batch.read import InputFingerprint, InputSource, fingerprint, iter_batches, open_input
 from allo_batch.record import (
     Journal,
     OrderedResults,
     journal_path,
-    load_done_index,
+    load_earlier,
     output_format,
-    read_journal,
     write_sidecar,
 )
 from allo_batch.report import NullReporter, Reporter, exit_code_for
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
     from allo_batch.send import Sender
 
+log = logging.getLogger("allo_batch")
+
 _GRACE_SECONDS = 5.0
 _TICK_SECONDS = 0.5
 _FALLBACK_RATE = 5.0
@@ -51,10 +55,14 @@ _FALLBACK_RATE = 5.0
 @dataclass(slots=True)
 class _Prepared:
     source: InputSource
+    identity: InputFingerprint
     duplicates: Duplicates
     done: pl.DataFrame
-    total: int
     in_doubt: int
+
+    @property
+    def total(self) -> int:
+        return self.identity.rows
 
     def planned_batches(self, config: JobConfig) -> Iterator[list[Planned]]:
         for batch in iter_batches(self.source, config.batch_size):
@@ -86,15 +94,18 @@ async def run_job_async(
         if config.api_key is None:
             msg = "no API key: set ALLO_API_KEY or pass --api-key-file (or use --sandbox)"
             raise UsageError(msg)
-    prepared = await anyio.to_thread.run_sync(_prepare, config, output)
-    reporter = reporter or NullReporter()
-    reporter.start(prepared.total)
-    if config.dry_run:
-        return await _execute(config, prepared, reporter, None, None, transport)
-    if config.sandbox is not None:
-        async with _embedded_sandbox(config, prepared.source) as (base_url, key):
-            return await _execute(config, prepared, reporter, base_url, key, transport)
-    return await _execute(config, prepared, reporter, config.base_url, config.api_key, transport)
+    with OutputLock(output):
+        prepared = await anyio.to_thread.run_sync(_prepare, config, output)
+        reporter = reporter or NullReporter()
+        reporter.start(prepared.total)
+        if config.dry_run:
+            return await _execute(config, prepared, reporter, None, None, transport)
+        if config.sandbox is not None:
+            async with _embedded_sandbox(config, prepared.source) as (base_url, key):
+                return await _execute(config, prepared, reporter, base_url, key, transport)
+        return await _execute(
+            config, prepared, reporter, config.base_url, config.api_key, transport
+        )
 
 
 def _prepare(config: JobConfig, output: Path) -> _Prepared:
@@ -104,14 +115,36 @@ def _prepare(config: JobConfig, output: Path) -> _Prepared:
     lazy = source.lazy()
     if config.limit is not None:
         lazy = lazy.head(config.limit)
+    identity = fingerprint(source, config.batch_size)
+    earlier = load_earlier(output)
+    _check_same_input(output, identity, earlier.inputs, force=config.force)
     if source.found:
         duplicates = find_duplicates(lazy)
-        total = int(source.lazy().select(pl.len()).collect().item())
     else:
-        duplicates, total = Duplicates(pl.DataFrame(schema={"row": pl.Int64})), 0
-    facts = read_journal(journal_path(output))
-    done = load_done_index(output, facts)
-    return _Prepared(source, duplicates, done, total, facts.in_doubt)
+        duplicates = Duplicates(pl.DataFrame(schema={"row": pl.Int64}))
+    return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)
+
+
+def _check_same_input(
+    output: Path, current: InputFingerprint, earlier: list[dict[str, Any]], *, force: bool
+) -> None:
+    """Refuse to merge results of a different input into ``output`` (unless ``--force``)."""
+    for seen in earlier:
+        if seen.get("keys_sha256") == current.keys_sha256:
+            continue
+        what = f"{seen.get('path', '?')} ({seen.get('rows', '?')} rows)"
+        if force:
+            log.warning(
+                "--force: merging results for %s into %s, made from %s", current.path, output, what
+            )
+            return
+        msg = (
+            f"{output} holds results of another input: {what}; this input, {current.path} "
+            f"({current.rows} rows), has different rows (call_id and template_key, in order). "
+            "Use a new --output, or --force to merge into it (rows of the other input then "
+            "drop out of the result file; what landed is still never resent)"
+        )
+        raise OutputConflictError(msg)
 
 
 async def _execute(
@@ -129,6 +162,8 @@ async def _execute(
     deferred = Counter[str]()  # not_sent by design (dry run, --limit), not by a failure
     writer = OrderedResults(output)
     journal = None if config.dry_run else Journal(journal_path(output))
+    if journal is not None:
+        journal.start(prepared.identity.as_dict())
 
     def emit(result: RowResult, *, planned: bool = False) -> None:
         if planned and result.status == "not_sent":
@@ -158,12 +193,12 @@ async def _execute(
     finally:
         reporter.close()
     writer.finish()
+    summary = _summarize(config, prepared, counts, codes, deferred["rows"], sender, rate, started)
+    write_sidecar(output, {"input": prepared.identity.as_dict(), "summary": summary.as_dict()})
     if journal is not None:
         journal.close()
-        # The result file now holds every outcome the journal had.
+        # The result file and its sidecar now hold everything the journal had.
         journal_path(output).unlink(missing_ok=True)
-    summary = _summarize(config, prepared, counts, codes, deferred["rows"], sender, rate, started)
-    write_sidecar(output, {"input": str(config.input.resolve()), "summary": summary.as_dict()})
     if sender is not None and sender.stop_error is not None:
         error = sender.stop_error
         error.summary = summary  # type: ignore[attr-defined]
@@ -278,13 +313,21 @@ async def _enforce_grace(sender: Sender) -> None:
 
 
 async def _watch_signals(sender: Sender) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if sender.stopping:
-                sender.cancel_in_flight()
-            else:
-                sender.stop(InterruptedRunError(f"interrupted by {name}"), grace=_GRACE_SECONDS)
+    """SIGINT/SIGTERM: stop with a grace period; a second one cancels what is in flight."""
+    # The event loop resets the handlers to the defaults when it lets go of them; give back
+    # what was there before (the command line's, or an embedding program's).
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with anyio.open_signal_receiver(*previous) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if sender.stopping:
+                    sender.cancel_in_flight()
+                else:
+                    sender.stop(InterruptedRunError(f"interrupted by {name}"), grace=_GRACE_SECONDS)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 async def _tick(reporter: Reporter, counts: Counter[str], sender: Sender) -> None:

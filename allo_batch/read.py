@@ -7,6 +7,7 @@ Nothing here judges a row; it only finds the columns, casts them to strings and 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,52 @@ def iter_batches(source: InputSource, batch_size: int) -> Iterator[pl.DataFrame]
     except (pl.exceptions.PolarsError, OSError) as exc:
         msg = f"{source.path}: cannot read it as {source.format}: {_first_line(exc)}"
         raise InputError(msg) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class InputFingerprint:
+    """What identifies an input to the result file built from it.
+
+    ``keys_sha256`` hashes the ordered ``(call_id, template_key)`` of every row, so an input whose
+    contents were corrected in place keeps its fingerprint, while another file (or rows added,
+    removed, re-keyed or reordered) gets a new one, whatever its name or format.
+    """
+
+    path: str
+    rows: int
+    keys_sha256: str
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form kept in the sidecar and the journal."""
+        return {"path": self.path, "rows": self.rows, "keys_sha256": self.keys_sha256}
+
+
+def fingerprint(source: InputSource, batch_size: int) -> InputFingerprint:
+    """Count the rows and hash their keys in one streaming pass over two columns."""
+    import polars as pl
+
+    digest = hashlib.sha256()
+    rows = 0
+    if not source.found:
+        return InputFingerprint(str(source.path.resolve()), 0, digest.hexdigest())
+    key = pl.concat_str(
+        pl.col("call_id").fill_null("\x00"),
+        pl.col("template_key").fill_null("\x00"),
+        separator="\x1f",
+    )
+    keys = source.lazy().select(key.alias("key"))
+    try:
+        for batch in keys.collect_batches(chunk_size=batch_size, maintain_order=True):
+            if batch.height:
+                rows += batch.height
+                # Rows end with \x1e, so the digest does not depend on where batches split.
+                joined = batch.select(pl.col("key").str.join("\x1e")).item()
+                digest.update(joined.encode())
+                digest.update(b"\x1e")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        msg = f"{source.path}: cannot read it as {source.format}: {_first_line(exc)}"
+        raise InputError(msg) from exc
+    return InputFingerprint(str(source.path.resolve()), rows, digest.hexdigest())
 
 
 def _scan(path: Path, fmt: InputFormat) -> pl.LazyFrame:

@@ -104,6 +104,11 @@ class Journal:
             }
         )
 
+    def start(self, input_facts: dict[str, object]) -> None:
+        """Record that a run began, and on which input (checked by the next run)."""
+        self._write({"e": "start", "pid": os.getpid(), "input": input_facts})
+        self.sync()
+
     def result(self, result: RowResult) -> None:
         """Record a row's final outcome for this run."""
         self._write({"e": "result", **result.as_dict()})
@@ -135,22 +140,27 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
+_Key = tuple[str, str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class JournalFacts:
     """What a journal left by earlier runs says."""
 
     updated: list[dict[str, Any]]
-    in_doubt: int
+    in_doubt: list[_Key]  # sent, never answered: (call_id, template_key or "", content_sha256)
+    inputs: list[dict[str, Any]]  # the input fingerprint of each run that wrote it
     torn_lines: int
 
 
 def read_journal(path: Path) -> JournalFacts:
     """Outcomes and sent-but-unanswered requests of a journal; torn lines are skipped."""
     updated: list[dict[str, Any]] = []
-    pending: dict[tuple[str, str, str], int] = {}
+    inputs: list[dict[str, Any]] = []
+    pending: dict[_Key, None] = {}
     torn = 0
     if not path.exists():
-        return JournalFacts(updated, 0, 0)
+        return JournalFacts(updated, [], inputs, 0)
     with path.open("rb") as handle:
         for raw in handle:
             try:
@@ -161,33 +171,80 @@ def read_journal(path: Path) -> JournalFacts:
             if not isinstance(record, dict):
                 torn += 1
                 continue
+            event = record.get("e")
+            if event == "start":
+                if isinstance(record.get("input"), dict):
+                    inputs.append(record["input"])
+                continue
             key = (
                 str(record.get("call_id")),
                 record.get("template_key") or NO_TEMPLATE,
                 str(record.get("content_sha256")),
             )
-            if record.get("e") == "sent":
-                pending[key] = pending.get(key, 0) + 1
-            elif record.get("e") == "result":
+            if event == "sent":
+                pending[key] = None
+            elif event == "result":
                 pending.pop(key, None)
                 if record.get("status") == "updated":
                     updated.append(record)
-    return JournalFacts(updated, sum(1 for _ in pending), torn)
+    return JournalFacts(updated, list(pending), inputs, torn)
 
 
-def load_done_index(output: Path, journal: JournalFacts) -> pl.DataFrame:
+@dataclass(frozen=True, slots=True)
+class Earlier:
+    """What earlier runs with this output left: landed rows, rows in doubt, their inputs."""
+
+    done: pl.DataFrame
+    in_doubt: int
+    inputs: list[dict[str, Any]]
+    torn_lines: int
+
+
+def load_earlier(output: Path) -> Earlier:
+    """Read the result file, its sidecar and the journal left beside ``output``."""
+    import polars as pl
+
+    facts = read_journal(journal_path(output))
+    previous = read_results(output) if output.exists() else None
+    done = _done_index(previous, facts)
+    key_columns = ["call_id", "template_key", "content_sha256"]
+    doubtful = [
+        pl.DataFrame(facts.in_doubt, schema={c: pl.String for c in key_columns}, orient="row")
+    ]
+    if previous is not None:
+        # A clean stop records requests cut off in flight as not_sent with attempts > 0.
+        cut_off = previous.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
+        doubtful.append(
+            cut_off.select(
+                "call_id", pl.col("template_key").fill_null(NO_TEMPLATE), "content_sha256"
+            )
+        )
+    # In doubt: sent without an answer, and not landed by any later request.
+    in_doubt = (
+        pl.concat(doubtful)
+        .unique()
+        .join(done.select(key_columns), on=key_columns, how="anti")
+        .height
+    )
+    inputs = list(facts.inputs)
+    sidecar = _read_sidecar(output) if previous is not None else {}
+    if isinstance(sidecar.get("input"), dict):
+        inputs.insert(0, sidecar["input"])
+    return Earlier(done, in_doubt, inputs, facts.torn_lines)
+
+
+def _done_index(previous: pl.DataFrame | None, journal: JournalFacts) -> pl.DataFrame:
     """Latest landed content per ``(call_id, template_key)`` from the result file and journal."""
     import polars as pl
 
     columns = ["call_id", "template_key", "content_sha256", "version", "updated_at", "request_id"]
     schema = {k: v for k, v in result_schema().items() if k in columns}
     parts: list[pl.DataFrame] = []
-    if output.exists():
-        previous = read_results(output).lazy()
+    if previous is not None:
         landed = (pl.col("status") == "updated") | (
             (pl.col("status") == "skipped") & pl.col("version").is_not_null()
         )
-        parts.append(previous.filter(landed).select(columns).collect())
+        parts.append(previous.lazy().filter(landed).select(columns).collect())
     if journal.updated:
         parts.append(pl.DataFrame(journal.updated, schema=schema).select(columns))
     if not parts:
@@ -198,6 +255,14 @@ def load_done_index(output: Path, journal: JournalFacts) -> pl.DataFrame:
         .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE))
         .unique(subset=["call_id", "template_key"], keep="last", maintain_order=True)
     )
+
+
+def _read_sidecar(output: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(sidecar_path(output).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def read_results(path: Path) -> pl.DataFrame:

@@ -1,0 +1,125 @@
+"""One run per output at a time: an advisory ``flock`` on ``<output>.lock``.
+
+The kernel drops a ``flock`` when its holder dies, ``kill -9`` included, so a lock file left by a
+dead run is simply taken over: there is no stale pid to guess about. The file's text (pid, host,
+start time) only serves the message a refused run prints. After taking the lock the path is
+checked to still name the locked file, so a run that unlinks it on release cannot let two others
+in at once. Local filesystems only: ``flock`` on NFS is not reliable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+
+from allo_batch.errors import LockedError
+
+log = logging.getLogger("allo_batch")
+
+_ATTEMPTS = 5
+
+
+def lock_path(output: Path) -> Path:
+    """Where the lock of ``output`` lives."""
+    return output.with_name(output.name + ".lock")
+
+
+class OutputLock:
+    """Hold ``<output>.lock`` for the duration of a run (a context manager)."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = lock_path(output)
+        self._fd: int | None = None
+        self.took_over: dict[str, object] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`LockedError` naming the run that holds it."""
+        for _ in range(_ATTEMPTS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockedError(_refusal(self.output, holder)) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # released and unlinked by its holder meanwhile: try the new one
+        else:
+            msg = f"{self.path}: the lock file keeps changing; is another run starting?"
+            raise LockedError(msg)
+        previous = _read_holder(fd)
+        if previous.get("pid"):
+            self.took_over = previous
+            log.warning(
+                "took over the lock of %s left by pid %s on %s (that run is gone)",
+                self.output,
+                previous.get("pid"),
+                previous.get("host", "?"),
+            )
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+        os.fchmod(fd, 0o600)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (in that order; see the module doc)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _read_holder(fd: int) -> dict[str, object]:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        value = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _refusal(output: Path, holder: dict[str, object]) -> str:
+    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    since = f", started {holder['started']}" if holder.get("started") else ""
+    return (
+        f"another allo-batch run ({who}{since}) is writing {output}; "
+        "wait for it to finish or stop it, then run again"
+    )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
