@@ -67,6 +67,10 @@ class RowResult:
         """The result-file columns, in order."""
         return {name: getattr(self, name) for name in RESULT_COLUMNS}
 
+    def as_tuple(self) -> tuple[Any, ...]:
+        """The result-file columns, in order, as one row."""
+        return tuple(getattr(self, name) for name in RESULT_COLUMNS)
+
 
 @dataclass(slots=True)
 class RunSummary:

@@ -38,7 +38,13 @@ from allo_batch.record import (
     write_sidecar,
 )
 from allo_batch.report import NullReporter, Reporter, exit_code_for
-from allo_batch.validate import Duplicates, find_duplicates, validate_batch
+from allo_batch.validate import (
+    Duplicates,
+    find_duplicates,
+    key_hash,
+    repeated_hashes,
+    validate_batch,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -112,14 +118,15 @@ def _prepare(config: JobConfig, output: Path) -> _Prepared:
     import polars as pl
 
     source = open_input(config.input, config.format, config.columns)
-    lazy = source.lazy()
-    if config.limit is not None:
-        lazy = lazy.head(config.limit)
-    identity = fingerprint(source, config.batch_size)
+    identity, hashes = fingerprint(source, config.batch_size, also=key_hash())
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)
-    if source.found:
-        duplicates = find_duplicates(lazy)
+    if hashes is not None:
+        candidates = repeated_hashes(hashes)
+        del hashes
+        duplicates = find_duplicates(
+            iter_batches(source, config.batch_size, config.limit), candidates
+        )
     else:
         duplicates = Duplicates(pl.DataFrame(schema={"row": pl.Int64}))
     return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)

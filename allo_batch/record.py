@@ -282,15 +282,26 @@ def read_results(path: Path) -> pl.DataFrame:
 
 
 class OrderedResults:
-    """Collects results in any order and writes them in input order to a temporary NDJSON."""
+    """Collects results in any order and writes them in input order, a chunk at a time.
+
+    Chunks go straight into a temporary file of the output's own format (CSV and NDJSON are
+    appended to; Parquet gets one part file per chunk, merged by a streaming sink at the end), so
+    memory stays at one chunk plus the reorder buffer whatever the number of rows.
+    """
 
     def __init__(self, output: Path) -> None:
         self.output = output
-        self.temp = output.with_name(f".{output.name}.partial.ndjson")
-        self._fd = _open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.format = output_format(output)
+        self.temp = output.with_name(f".{output.name}.partial")
+        self._parts = output.with_name(f".{output.name}.parts")
+        self._discard_leftovers()
+        if self.format == "parquet":
+            self._parts.mkdir(mode=0o700)
+        else:
+            os.close(_open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         self._waiting: dict[int, RowResult] = {}
         self._next = 0
-        self._chunk: list[bytes] = []
+        self._chunk: list[tuple[Any, ...]] = []
         self.written = 0
 
     def add(self, result: RowResult) -> None:
@@ -298,48 +309,57 @@ class OrderedResults:
         self._waiting[result.row] = result
         while self._next in self._waiting:
             row = self._waiting.pop(self._next)
-            self._chunk.append(json.dumps(row.as_dict(), separators=(",", ":")).encode())
+            self._chunk.append(row.as_tuple())
             self._next += 1
             if len(self._chunk) >= _CHUNK_ROWS:
                 self._flush()
 
     def _flush(self) -> None:
-        if self._chunk:
-            os.write(self._fd, b"\n".join(self._chunk) + b"\n")
-            self.written += len(self._chunk)
-            self._chunk.clear()
+        import polars as pl
+
+        if not self._chunk and (self.written or self.format != "parquet"):
+            return
+        frame = pl.DataFrame(self._chunk, schema=result_schema(), orient="row")
+        if self.format == "parquet":
+            part = self._parts / f"{self.written:012d}.parquet"
+            frame.write_parquet(part)
+        else:
+            with self.temp.open("ab") as handle:
+                if self.format == "csv":
+                    frame.write_csv(handle, include_header=self.written == 0)
+                else:
+                    frame.write_ndjson(handle)
+        self.written += len(self._chunk)
+        self._chunk.clear()
 
     def finish(self) -> None:
-        """Convert to the output's format and rename into place atomically."""
+        """Write what is left and rename the whole file into place atomically."""
         import polars as pl
 
         if self._waiting:
             msg = f"internal error: rows {sorted(self._waiting)[:5]} were never completed"
             raise RuntimeError(msg)
         self._flush()
-        os.close(self._fd)
-        fmt = output_format(self.output)
-        final_temp = self.output.with_name(f".{self.output.name}.tmp")
-        if fmt == "ndjson":
-            os.replace(self.temp, final_temp)
-        else:
-            frame = pl.scan_ndjson(self.temp, schema=result_schema())
-            if self.written == 0:
-                frame = pl.DataFrame(schema=result_schema()).lazy()
-            if fmt == "parquet":
-                frame.sink_parquet(final_temp)
-            else:
-                frame.sink_csv(final_temp)
-            self.temp.unlink()
-        os.chmod(final_temp, 0o600)
-        os.replace(final_temp, self.output)
+        if self.format == "parquet":
+            pl.scan_parquet(self._parts / "*.parquet").sink_parquet(self.temp)
+            self._remove_parts()
+        os.chmod(self.temp, 0o600)
+        os.replace(self.temp, self.output)
 
     def abandon(self) -> None:
-        """Drop the temporary file (the journal keeps what landed)."""
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        """Drop the temporary files (the journal keeps what landed)."""
+        self._discard_leftovers()
+
+    def _discard_leftovers(self) -> None:
         with contextlib.suppress(OSError):
             self.temp.unlink()
+        self._remove_parts()
+
+    def _remove_parts(self) -> None:
+        if self._parts.is_dir():
+            for part in self._parts.iterdir():
+                part.unlink()
+            self._parts.rmdir()
 
 
 def sidecar_path(output: Path) -> Path:

@@ -16,7 +16,7 @@ from allo_batch.cli import cli
 from allo_batch.constants import MAX_CONTENT_CHARS, TEMPLATE_KEYS
 from allo_batch.errors import InputError
 from allo_batch.read import iter_batches, open_input
-from allo_batch.validate import find_duplicates, validate_batch
+from allo_batch.validate import duplicates_in, validate_batch
 
 
 def run_cli(*args: str) -> Any:
@@ -222,7 +222,7 @@ def test_validation_agrees_with_the_reference(rows: list[dict[str, Any]]) -> Non
             "content": pl.String,
         },
     )
-    checked = validate_batch(frame, find_duplicates(frame.lazy()))
+    checked = validate_batch(frame, duplicates_in(frame))
     assert checked["error_code"].to_list() == reference_codes(rows)
 
 
@@ -242,5 +242,58 @@ def test_length_limit_counts_characters_not_bytes() -> None:
             "content": pl.String,
         },
     )
-    checked = validate_batch(frame, find_duplicates(frame.lazy()))
+    checked = validate_batch(frame, duplicates_in(frame))
     assert checked["error_code"].to_list() == [None, "INVALID_REQUEST_BODY"]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv", "ndjson"])
+def test_batches_number_rows_across_batches_and_stop_at_the_limit(
+    tmp_path: Path, suffix: str
+) -> None:
+    frame = pl.DataFrame(
+        {
+            "content": [f"text {i}" for i in range(50)],
+            "call_id": [f"cll-{i}" for i in range(50)],
+            "extra": list(range(50)),
+        }
+    )
+    path = tmp_path / f"in.{suffix}"
+    if suffix == "parquet":
+        frame.write_parquet(path, row_group_size=16)
+    elif suffix == "csv":
+        frame.write_csv(path)
+    else:
+        frame.write_ndjson(path)
+    source = open_input(path, suffix)  # type: ignore[arg-type]
+    batches = list(iter_batches(source, 7))
+    whole = pl.concat(batches)
+    assert whole.columns == ["row", "call_id", "template_key", "content"]
+    assert whole["row"].to_list() == list(range(50))
+    assert whole["call_id"].to_list() == frame["call_id"].to_list()
+    assert whole["template_key"].null_count() == 50
+    assert max(b.height for b in batches) <= 7
+    limited = pl.concat(list(iter_batches(source, 7, limit=10)))
+    assert limited["row"].to_list() == list(range(10))
+
+
+def test_duplicates_are_found_across_batches_and_files_of_any_size(tmp_path: Path) -> None:
+    from allo_batch.read import fingerprint
+    from allo_batch.validate import find_duplicates, key_hash, repeated_hashes
+
+    rows = [("cll-1", "a"), ("cll-2", "b"), ("cll-1", "a"), ("cll-3", "c"), ("cll-3", "d")]
+    frame = pl.DataFrame(
+        {
+            "call_id": [r[0] for r in rows] + [f"cll-x{i}" for i in range(30)],
+            "content": [r[1] for r in rows] + ["z"] * 30,
+        }
+    )
+    path = tmp_path / "in.parquet"
+    frame.write_parquet(path, row_group_size=2)
+    source = open_input(path, "parquet")
+    identity, hashes = fingerprint(source, 2, also=key_hash())
+    assert identity.rows == 35
+    assert hashes is not None
+    found = find_duplicates(iter_batches(source, 2), repeated_hashes(hashes)).frame
+    assert found["row"].to_list() == [2, 3, 4]
+    assert found["repeat_of"].to_list() == [0, None, None]
+    assert found["dup_message"].null_count() == 1
