@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -58,22 +60,62 @@ def new_request_id() -> str:
     return f"req_{secrets.token_hex(6)}"
 
 
-def make_http_client(*, workers: int, timeout: float, transport: Any = None) -> httpx.AsyncClient:
-    """One AsyncClient per run: HTTP/1.1, a pool the size of the worker pool (perf rules 1–4)."""
+# httpx 0.28's pool costs more CPU per request the more connections it holds (performance.md
+# L3: 2.3k req/s up to 8 connections, 483 at 64), so no client gets more than this many.
+MAX_POOL = 8
+
+
+def make_http_client(
+    *, workers: int, timeout: float, transport: Any = None, verify: Any = True
+) -> httpx.AsyncClient:
+    """An AsyncClient for ``workers`` workers: HTTP/1.1, one connection each (perf rules 1–4)."""
     limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
     return httpx.AsyncClient(
         limits=limits,
         timeout=httpx.Timeout(timeout, pool=None),
         transport=transport,
         follow_redirects=False,
+        verify=verify,
     )
+
+
+def lane_sizes(workers: int) -> list[int]:
+    """Pool sizes for ``workers`` workers: full pools of ``MAX_POOL``, then the rest."""
+    workers = max(workers, 1)
+    return [min(MAX_POOL, workers - start) for start in range(0, workers, MAX_POOL)]
+
+
+@asynccontextmanager
+async def http_lanes(
+    *,
+    workers: int,
+    timeout: float,  # noqa: ASYNC109 (each request's timeout, not this function's)
+    transport: Any = None,
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """The run's clients: ``ceil(workers / MAX_POOL)`` of them, built once, sharing one TLS
+    context; worker ``i`` uses client ``i % len``, so no pool holds more than ``MAX_POOL``."""
+    import ssl
+
+    verify: Any = ssl.create_default_context() if transport is None else True
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                make_http_client(workers=size, timeout=timeout, transport=transport, verify=verify)
+            )
+            for size in lane_sizes(workers)
+        ]
 
 
 class AlloClient:
     """Talks to one Allo base URL with one key."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, api_key: Secret) -> None:
-        self._http = http
+    def __init__(
+        self,
+        http: httpx.AsyncClient | Sequence[httpx.AsyncClient],
+        base_url: str,
+        api_key: Secret,
+    ) -> None:
+        self._lanes = [http] if isinstance(http, httpx.AsyncClient) else list(http)
         self._base = base_url.rstrip("/")
         self._auth = f"{AUTH_SCHEME} {api_key.reveal()}"
         self._patch_headers = {"Authorization": self._auth, "Content-Type": "application/json"}
@@ -83,11 +125,11 @@ class AlloClient:
         return await self._request("GET", ME_PATH, None, {"Authorization": self._auth})
 
     async def update_summary(
-        self, call_id: str, body: bytes, *, request_id: str | None = None
+        self, call_id: str, body: bytes, *, request_id: str | None = None, lane: int = 0
     ) -> Answer:
         """``PATCH …/items/{id}/summary`` with a body serialised once by the planner."""
         return await self._request(
-            "PATCH", SUMMARY_PATH.format(id=call_id), body, self._patch_headers, request_id
+            "PATCH", SUMMARY_PATH.format(id=call_id), body, self._patch_headers, request_id, lane
         )
 
     async def _request(
@@ -97,12 +139,13 @@ class AlloClient:
         body: bytes | None,
         headers: dict[str, str],
         request_id: str | None = None,
+        lane: int = 0,
     ) -> Answer:
         request_id = request_id or new_request_id()
         sent_wall = time.time()
         started = time.perf_counter()
         try:
-            response = await self._http.request(
+            response = await self._lanes[lane % len(self._lanes)].request(
                 method,
                 self._base + path,
                 content=body,

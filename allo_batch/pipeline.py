@@ -223,17 +223,16 @@ async def _send_all(
     reporter: Reporter,
     counts: Counter[str],
 ) -> tuple[Sender, float]:
-    from allo_batch.client import AlloClient, make_http_client
+    from allo_batch.client import AlloClient, http_lanes, make_http_client
     from allo_batch.ratelimit import Pacer, WindowWatch
     from allo_batch.send import Sender
 
-    provisional = config.rate or _FALLBACK_RATE
-    async with make_http_client(
-        workers=config.workers(provisional), timeout=config.timeout, transport=transport
-    ) as http:
-        client = AlloClient(http, *target)
-        rate, refusal = await _preflight(client, config)
-        workers = config.workers(rate)
+    # The pool is sized from the rate, which /me tells: ask it first on a client of its own.
+    async with make_http_client(workers=1, timeout=config.timeout, transport=transport) as http:
+        rate, refusal = await _preflight(AlloClient(http, *target), config)
+    workers = config.workers(rate)
+    async with http_lanes(workers=workers, timeout=config.timeout, transport=transport) as lanes:
+        client = AlloClient(lanes, *target)
         pacer = Pacer(rate / (1.0 + config.jitter_margin))
         sender = Sender(
             client,

@@ -113,15 +113,15 @@ class Sender:
     async def run(self, stream: MemoryObjectReceiveStream[PlannedRequest], workers: int) -> None:
         """Run ``workers`` workers until the stream is closed and drained."""
         async with stream, anyio.create_task_group() as group:
-            for _ in range(workers):
-                group.start_soon(self._worker, stream.clone())
+            for lane in range(workers):
+                group.start_soon(self._worker, stream.clone(), lane)
 
-    async def _worker(self, stream: MemoryObjectReceiveStream[PlannedRequest]) -> None:
+    async def _worker(self, stream: MemoryObjectReceiveStream[PlannedRequest], lane: int) -> None:
         async with stream:
             async for request in stream:
-                self._emit(await self._send(request))
+                self._emit(await self._send(request, lane))
 
-    async def _send(self, request: PlannedRequest) -> RowResult:
+    async def _send(self, request: PlannedRequest, lane: int = 0) -> RowResult:
         attempts = failures = rate_limited = 0
         last: Answer | None = None
         while True:
@@ -130,7 +130,7 @@ class Sender:
             await self._pacer.acquire()
             if self.stopping:
                 return _not_sent(request, attempts, last, self.stop_message())
-            answer = await self._dispatch(request)
+            answer = await self._dispatch(request, lane)
             if answer is None:
                 return _not_sent(
                     request, attempts + 1, last, "stopped while in flight; may have landed"
@@ -159,7 +159,7 @@ class Sender:
                 return self._failed(request, attempts, answer)
             await self._backoff(failures, answer.retry_after)
 
-    async def _dispatch(self, request: PlannedRequest) -> Answer | None:
+    async def _dispatch(self, request: PlannedRequest, lane: int) -> Answer | None:
         now = self._clock()
         if self.stats.first_dispatch is None:
             self.stats.first_dispatch = now
@@ -178,7 +178,7 @@ class Sender:
                     request_id,
                 )
                 answer = await self._client.update_summary(
-                    request.call_id, request.body, request_id=request_id
+                    request.call_id, request.body, request_id=request_id, lane=lane
                 )
             finally:
                 self._in_flight.discard(scope)

@@ -166,7 +166,7 @@ def test_kill_9_at_random_moments_then_rerun_until_done(
     chance = random.Random(seed)
     source, output = tmp_path / "in.csv", tmp_path / "out.csv"
     frame = write_input(source, 240)
-    world = world_for(frame, write_rate=120)
+    world = world_for(frame, write_rate=100)
     doubt: Counter[tuple[str, str]] = Counter()
     args = [str(source), "-o", str(output), "--base-url", None]
     with sandbox_factory(world, api_key=KEY, faults="latency=40ms,jitter=30ms", seed=seed) as sb:
@@ -182,7 +182,7 @@ def test_kill_9_at_random_moments_then_rerun_until_done(
             process = start_run(args)
             if attempt < 6:
                 try:
-                    process.wait(timeout=chance.uniform(0.3, 2.5))
+                    process.wait(timeout=chance.uniform(0.3, 1.8))
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.communicate(timeout=RUN_TIMEOUT)
