@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,12 +69,13 @@ def run_child(
     """Run a child pinned to the client core; read its own CPU and peak RSS from ``wait4``."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
+        # taskset rather than a preexec_fn: without one, subprocess uses vfork, so the child's
+        # peak RSS does not start with a copy of this process's (fork + exec counts it).
         process = subprocess.Popen(
-            list(args),
+            _pinned(args, CLIENT_CORE),
             stdout=out,
             stderr=err,
             env={**os.environ, **(env or {})},
-            preexec_fn=lambda: pin(CLIENT_CORE),
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -95,6 +97,13 @@ def run_child(
             max_rss_mb=usage.ru_maxrss / 1024,
             wall=wall,
         )
+
+
+def _pinned(args: Sequence[str], core: int) -> list[str]:
+    taskset = shutil.which("taskset")
+    if taskset and (os.cpu_count() or 1) > 1:
+        return [taskset, "-c", str(core % (os.cpu_count() or 1)), *args]
+    return list(args)
 
 
 def allo_batch(*args: str) -> list[str]:
@@ -192,13 +201,29 @@ def corrections(rows: int, *, content_bytes: int) -> pl.LazyFrame:
 def write_corrections(
     path: Path, rows: int, *, content_bytes: int, row_group: int = 125_000
 ) -> Path:
-    """Write a corrections file with polars' streaming sinks (bounded memory while generating)."""
+    """Write a corrections file from a child process, so this one stays small (see run_child)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.benchmarks.common",
+            str(path),
+            str(rows),
+            str(content_bytes),
+            str(row_group),
+        ],
+        check=True,
+    )
+    return path
+
+
+def _write_here(path: Path, rows: int, content_bytes: int, row_group: int) -> None:
+    """Write a corrections file with polars' streaming sinks."""
     frame = corrections(rows, content_bytes=content_bytes)
     if path.suffix == ".parquet":
         frame.sink_parquet(path, row_group_size=row_group)
     else:
         frame.sink_csv(path)
-    return path
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -209,3 +234,7 @@ def table(outcomes: list[Outcome]) -> str:
         note = f" ({o.note})" if o.note else ""
         lines.append(f"| {o.scenario} | {o.figure}{note} | {o.target} | {verdict} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _write_here(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
