@@ -5,17 +5,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from allo_batch.config import JobConfig
-from allo_batch.read import fingerprint, iter_batches, open_input
-from allo_batch.validate import (
-    CODE,
-    MESSAGE,
-    REPEAT_OF,
-    duplicates_in,
-    find_duplicates,
-    key_hash,
-    repeated_hashes,
-    validate_batch,
-)
+from allo_batch.read import iter_batches, open_input
+from allo_batch.validate import CODE, MESSAGE, REPEAT_OF, survey, validate_batch
 
 
 def validation_report(config: JobConfig, *, show: int = 5) -> tuple[str, int]:
@@ -23,13 +14,7 @@ def validation_report(config: JobConfig, *, show: int = 5) -> tuple[str, int]:
     source = open_input(config.input, config.format, config.columns)
     if not source.found:
         return f"{config.input}: empty, 0 rows", 0
-    _identity, hashes = fingerprint(source, config.batch_size, also=key_hash())
-    candidates = repeated_hashes(hashes) if hashes is not None else None
-    duplicates = (
-        find_duplicates(iter_batches(source, config.batch_size), candidates)
-        if candidates is not None
-        else duplicates_in(source.lazy().head(0).collect())
-    )
+    _identity, duplicates = survey(source, config.batch_size)
     rows = repeats = 0
     codes: Counter[str] = Counter()
     examples: defaultdict[str, list[str]] = defaultdict(list)

@@ -28,7 +28,7 @@ from allo_batch.errors import (
 from allo_batch.lock import OutputLock
 from allo_batch.models import PlannedRequest, RowResult, RunSummary
 from allo_batch.plan import Planned, attach_done, plan_batch
-from allo_batch.read import InputFingerprint, InputSource, fingerprint, iter_batches, open_input
+from allo_batch.read import InputFingerprint, InputSource, iter_batches, open_input
 from allo_batch.record import (
     Journal,
     OrderedResults,
@@ -38,13 +38,7 @@ from allo_batch.record import (
     write_sidecar,
 )
 from allo_batch.report import NullReporter, Reporter, exit_code_for
-from allo_batch.validate import (
-    Duplicates,
-    find_duplicates,
-    key_hash,
-    repeated_hashes,
-    validate_batch,
-)
+from allo_batch.validate import Duplicates, survey, validate_batch
 
 if TYPE_CHECKING:
     import polars as pl
@@ -115,20 +109,11 @@ async def run_job_async(
 
 
 def _prepare(config: JobConfig, output: Path) -> _Prepared:
-    import polars as pl
 
     source = open_input(config.input, config.format, config.columns)
-    identity, hashes = fingerprint(source, config.batch_size, also=key_hash())
+    identity, duplicates = survey(source, config.batch_size, config.limit)
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)
-    if hashes is not None:
-        candidates = repeated_hashes(hashes)
-        del hashes
-        duplicates = find_duplicates(
-            iter_batches(source, config.batch_size, config.limit), candidates
-        )
-    else:
-        duplicates = Duplicates(pl.DataFrame(schema={"row": pl.Int64}))
     return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)
 
 

@@ -227,7 +227,7 @@ def load_earlier(output: Path) -> Earlier:
         .height
     )
     inputs = list(facts.inputs)
-    sidecar = _read_sidecar(output) if previous is not None else {}
+    sidecar = read_sidecar(output) if previous is not None else {}
     if isinstance(sidecar.get("input"), dict):
         inputs.insert(0, sidecar["input"])
     return Earlier(done, in_doubt, inputs, facts.torn_lines)
@@ -257,7 +257,8 @@ def _done_index(previous: pl.DataFrame | None, journal: JournalFacts) -> pl.Data
     )
 
 
-def _read_sidecar(output: Path) -> dict[str, Any]:
+def read_sidecar(output: Path) -> dict[str, Any]:
+    """The sidecar of ``output`` as a dict; empty when missing or unreadable."""
     try:
         value = json.loads(sidecar_path(output).read_text())
     except (OSError, ValueError):

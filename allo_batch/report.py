@@ -7,7 +7,6 @@ never per row (performance.md rule 16).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -158,7 +157,7 @@ def summarize_file(path: Path) -> RunSummary:
     """The summary of any result file, plus run figures from its sidecar when present."""
     import polars as pl
 
-    from allo_batch.record import read_results, sidecar_path
+    from allo_batch.record import read_results, read_sidecar
 
     frame = read_results(path)
     by_status = dict(frame.group_by("status").len().iter_rows())
@@ -169,9 +168,7 @@ def summarize_file(path: Path) -> RunSummary:
         by_error_code={k: int(v) for k, v in codes.iter_rows()},
         output=str(path),
     )
-    sidecar: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        sidecar = json.loads(sidecar_path(path).read_text()).get("summary", {})
+    sidecar: dict[str, Any] = read_sidecar(path).get("summary", {})
     for name in (
         "requests",
         "rate_limited",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
 from allo_batch.models import DUPLICATE_ROW
-from allo_batch.read import ROW
+from allo_batch.read import ROW, InputFingerprint, InputSource, fingerprint, iter_batches
 
 if TYPE_CHECKING:
     import polars as pl
@@ -145,6 +145,22 @@ def repeated_hashes(hashes: pl.Series) -> pl.Series:
         return ordered.clear()
     later = ordered.slice(1)
     return later.filter(later == ordered.slice(0, ordered.len() - 1)).unique()
+
+
+def survey(
+    source: InputSource, batch_size: int, limit: int | None = None
+) -> tuple[InputFingerprint, Duplicates]:
+    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
+
+    One key-only pass gives the fingerprint and every row's target hash; a second pass, only
+    when some hash repeats, reads the rows involved and compares them on the real strings.
+    """
+    import polars as pl
+
+    identity, hashes = fingerprint(source, batch_size, also=key_hash())
+    candidates = repeated_hashes(hashes) if hashes is not None else pl.Series(dtype=pl.UInt64)
+    del hashes
+    return identity, find_duplicates(iter_batches(source, batch_size, limit), candidates)
 
 
 def duplicates_in(frame: pl.DataFrame) -> Duplicates:

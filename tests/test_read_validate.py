@@ -209,18 +209,22 @@ def reference_codes(rows: list[dict[str, Any]]) -> list[str | None]:
     return codes
 
 
+# The four fields iter_batches yields.
+READ_SCHEMA = {
+    "row": pl.Int64,
+    "call_id": pl.String,
+    "template_key": pl.String,
+    "content": pl.String,
+}
+
+
 @settings(max_examples=150, deadline=None)
 @given(rows=rows_strategy)
 def test_validation_agrees_with_the_reference(rows: list[dict[str, Any]]) -> None:
     """The vectorised checks give exactly the reference codes, duplicates included."""
     frame = pl.DataFrame(
         [{"row": i, **r} for i, r in enumerate(rows)],
-        schema={
-            "row": pl.Int64,
-            "call_id": pl.String,
-            "template_key": pl.String,
-            "content": pl.String,
-        },
+        schema=READ_SCHEMA,
     )
     checked = validate_batch(frame, duplicates_in(frame))
     assert checked["error_code"].to_list() == reference_codes(rows)
@@ -235,12 +239,7 @@ def test_length_limit_counts_characters_not_bytes() -> None:
             "template_key": [None, None],
             "content": ["é" * MAX_CONTENT_CHARS, "é" * (MAX_CONTENT_CHARS + 1)],
         },
-        schema={
-            "row": pl.Int64,
-            "call_id": pl.String,
-            "template_key": pl.String,
-            "content": pl.String,
-        },
+        schema=READ_SCHEMA,
     )
     checked = validate_batch(frame, duplicates_in(frame))
     assert checked["error_code"].to_list() == [None, "INVALID_REQUEST_BODY"]

@@ -128,6 +128,12 @@ def in_doubt_sends(journal: Path) -> Counter[tuple[str, str]]:
     return doubt
 
 
+def cut_off_in_flight(results: pl.DataFrame) -> tuple[pl.DataFrame, Counter[tuple[str, str]]]:
+    """Rows a clean stop cut off in flight (they may have landed), and their targets."""
+    cut_off = results.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
+    return cut_off, Counter(zip(cut_off["call_id"], cut_off["template_key"], strict=True))
+
+
 def check_final(
     output: Path,
     frame: pl.DataFrame,
@@ -233,8 +239,7 @@ def test_signal_stops_cleanly_with_130_and_a_rerun_finishes(
         counts = dict(stopped.group_by("status").len().iter_rows())
         assert counts["not_sent"] > 0 and counts["updated"] >= 40
         landed = sb.app.counters["writes_applied"]
-        cut_off = stopped.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
-        doubt = Counter(zip(cut_off["call_id"], cut_off["template_key"], strict=True))
+        cut_off, doubt = cut_off_in_flight(stopped)
 
         code, summary, err = finish(
             start_run([str(source), "-o", str(output), "--base-url", sb.base_url])
@@ -299,11 +304,10 @@ def test_key_revoked_mid_run_stops_with_3_and_another_key_finishes(
         stopped = pl.read_parquet(output)
         assert stopped.height == frame.height
         assert not journal_path(output).exists()
-        cut_off = stopped.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
+        _, doubt = cut_off_in_flight(stopped)
         refused = stopped.filter(pl.col("error_code") == "API_KEY_REVOKED")
         assert refused.height >= 1
         assert refused["retryable"].to_list() == [True] * refused.height
-        doubt = Counter(zip(cut_off["call_id"], cut_off["template_key"], strict=True))
 
         code, summary, err = finish(
             start_run([str(source), "-o", str(output), "--base-url", sb.base_url], key=SPARE_KEY)
