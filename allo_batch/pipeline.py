@@ -234,7 +234,7 @@ async def _send_all(
         send, receive = anyio.create_memory_object_stream[PlannedRequest](workers * 4)
         async with anyio.create_task_group() as outer:
             outer.start_soon(_enforce_grace, sender)
-            outer.start_soon(_tick, reporter, counts, sender)
+            outer.start_soon(_tick, reporter, counts, sender, journal)
             if threading.current_thread() is threading.main_thread():
                 outer.start_soon(_watch_signals, sender)
             async with anyio.create_task_group() as inner:
@@ -321,10 +321,12 @@ async def _watch_signals(sender: Sender) -> None:
             signal.signal(signum, handler)
 
 
-async def _tick(reporter: Reporter, counts: Counter[str], sender: Sender) -> None:
+async def _tick(reporter: Reporter, counts: Counter[str], sender: Sender, journal: Journal) -> None:
+    """Progress, and the journal's fsync even when no answer arrives for a while."""
     while True:
         await anyio.sleep(_TICK_SECONDS)
         _tick_once(reporter, counts, sender)
+        journal.sync()
 
 
 def _tick_once(reporter: Reporter, counts: Counter[str], sender: Sender) -> None:

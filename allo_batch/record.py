@@ -120,6 +120,11 @@ class Journal:
         if now - self._last_sync >= _FSYNC_EVERY:
             self.sync()
 
+    @property
+    def unsynced(self) -> bool:
+        """Whether lines were written since the last fsync."""
+        return self._dirty
+
     def sync(self) -> None:
         """Push the journal to disk (against machine loss; kill -9 loses nothing anyway)."""
         if self._dirty:

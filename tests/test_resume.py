@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import polars as pl
 import pytest
@@ -442,3 +443,27 @@ def test_a_signal_outside_the_send_phase_exits_130_and_restores_handlers() -> No
         time.sleep(5)  # the handler interrupts this at once
     assert stopped.value.code == 130
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_journal_is_synced_within_a_second_even_when_no_answer_comes(tmp_path: Path) -> None:
+    """A request sent just after a sync, then a long wait for its answer, is still on disk."""
+    from allo_batch.pipeline import _tick
+    from allo_batch.record import Journal
+    from allo_batch.report import NullReporter
+    from allo_batch.send import SendStats
+
+    journal = Journal(tmp_path / "out.csv.journal")
+    journal.sync()
+    journal.sent(0, "cll-1", None, "0" * 64, "req_000000000001")
+    assert journal.unsynced  # the 1 s since the last sync has not passed
+
+    class Quiet:
+        stats = SendStats()
+
+    async def watch() -> None:
+        with anyio.move_on_after(1.2):
+            await _tick(NullReporter(), Counter(), Quiet(), journal)  # type: ignore[arg-type]
+
+    anyio.run(watch)
+    assert not journal.unsynced
+    journal.close()
