@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Final, Literal
 
 Status = Literal["updated", "skipped", "invalid", "failed", "not_sent"]
@@ -32,6 +33,7 @@ RESULT_COLUMNS: Final = (
     "content_sha256",
     "message",
 )
+_columns = attrgetter(*RESULT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +67,11 @@ class RowResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The result-file columns, in order."""
-        return {name: getattr(self, name) for name in RESULT_COLUMNS}
+        return dict(zip(RESULT_COLUMNS, _columns(self), strict=True))
 
     def as_tuple(self) -> tuple[Any, ...]:
         """The result-file columns, in order, as one row."""
-        return tuple(getattr(self, name) for name in RESULT_COLUMNS)
+        return _columns(self)
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ OutputFormat = Literal["parquet", "csv", "ndjson"]
 _FSYNC_EVERY: Final = 1.0
 _CHUNK_ROWS: Final = 10_000
 NO_TEMPLATE: Final = ""
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def output_format(path: Path) -> OutputFormat:
@@ -114,7 +115,7 @@ class Journal:
         self._write({"e": "result", **result.as_dict()})
 
     def _write(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        os.write(self._fd, _ENCODE(record).encode() + b"\n")
         self._dirty = True
         now = time.monotonic()
         if now - self._last_sync >= _FSYNC_EVERY:
