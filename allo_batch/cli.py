@@ -6,6 +6,7 @@ Heavy libraries (polars, httpx, uvicorn) are imported inside the commands, so ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+
+_TEXT_LOG_FORMAT = "allo-batch: %(levelname)s: %(message)s"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -39,7 +42,7 @@ def _setup_logging() -> None:
     log = logging.getLogger("allo_batch")
     if not log.handlers:
         handler = logging.StreamHandler(_CurrentStderr())
-        handler.setFormatter(logging.Formatter("allo-batch: %(levelname)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(_TEXT_LOG_FORMAT))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -145,7 +148,7 @@ def _fail(error: Exception) -> NoReturn:
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="[INPUT]", required=False, type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -241,108 +244,273 @@ def _fail(error: Exception) -> NoReturn:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the run summary as one JSON object on stdout."
 )
-def run(
-    input_path: Path,
-    output: Path | None,
-    input_format: str | None,
-    columns: tuple[str, ...],
-    base_url: str | None,
-    api_key_file: Path | None,
-    rate: float | None,
-    concurrency: int | None,
-    timeout: float,
-    max_attempts: int,
-    max_errors: int | None,
-    limit: int | None,
-    dry_run: bool,
-    force: bool,
-    use_sandbox: bool,
-    sandbox_world: Path | None,
-    sandbox_rate: int,
-    sandbox_faults: str | None,
-    sandbox_seed: int,
-    progress: bool | None,
-    as_json: bool,
-) -> None:
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Job spec (TOML, see jobs/); options given here override it.",
+)
+@click.option(
+    "--ds",
+    envvar="ALLO_BATCH_DS",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    help="With --job: the date of {ds} [env ALLO_BATCH_DS; default: today].",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr: lines for people, or one JSON object per line (no progress bar).",
+)
+@click.pass_context
+def run(ctx: click.Context, /, input_path: Path | None, **options: Any) -> None:
     """Send the corrections in INPUT (CSV, Parquet or NDJSON of call_id, template_key, content).
 
     \b
     Exit codes: 0 every row updated (now or earlier), 1 some rows invalid or failed,
     2 bad usage or unreadable input (nothing sent), 3 stopped early (key refused,
     --max-errors, API unavailable, another run holds the output), 130 interrupted
-    (a rerun resumes).
+    (a rerun resumes). With --job and an input glob, each file is its own run and
+    the exit code is the highest of theirs.
 
     \b
-    Example:
+    Examples:
       ALLO_API_KEY=... allo-batch run corrections.parquet -o corrections.results.parquet
+      allo-batch run --job jobs/nightly.toml --ds 2026-11-23 --log-format json
     """
-    from allo_batch.config import (
-        JobConfig,
-        RetryPolicy,
-        SandboxOptions,
-        api_key_from,
-        parse_column_mapping,
-    )
-    from allo_batch.constants import DEFAULT_BASE_URL
     from allo_batch.errors import AlloBatchError
 
-    with _exit_130_on_signals():
+    explicit = {
+        name
+        for name in options
+        if ctx.get_parameter_source(name)
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    }
+    console = _Console(options["log_format"], as_json=options["as_json"])
+    with _exit_130_on_signals(console):
         try:
-            config = JobConfig(
-                input=input_path,
-                output=output,
-                input_format=input_format,  # type: ignore[arg-type]
-                columns=parse_column_mapping(columns),
-                base_url=base_url or DEFAULT_BASE_URL,
-                api_key=None if use_sandbox else api_key_from(key_file=api_key_file),
-                rate=rate,
-                concurrency=concurrency,
-                timeout=timeout,
-                retry=RetryPolicy(max_attempts=max_attempts),
-                max_errors=max_errors,
-                limit=limit,
-                dry_run=dry_run,
-                force=force,
-                sandbox=SandboxOptions(
-                    world_file=sandbox_world,
-                    write_rate=sandbox_rate,
-                    faults=sandbox_faults,
-                    seed=sandbox_seed,
-                )
-                if use_sandbox
-                else None,
-                progress=sys.stderr.isatty() if progress is None else progress,
-            )
-            summary = _run_with_reporter(config)
+            plans = _plan_runs(input_path, options, explicit, console)
         except AlloBatchError as error:
-            summary = getattr(error, "summary", None)
-            if summary is None:
-                _fail(error)
-            _print_summary(summary, as_json=as_json)
-            _fail(error)
-        _print_summary(summary, as_json=as_json)
-        sys.exit(summary.exit_code)
+            console.failed(error)
+            sys.exit(int(error.exit_code))
+        codes = [_run_one(config, console) for config in plans]
+        sys.exit(max(codes, default=0))
 
 
-def _run_with_reporter(config: Any) -> Any:
+def _plan_runs(
+    input_path: Path | None, options: dict[str, Any], explicit: set[str], console: _Console
+) -> list[Any]:
+    """The configurations to run: one, or with ``--job`` one per matching input file."""
+    import datetime as dt
+
+    from allo_batch.config import api_key_from
+    from allo_batch.errors import UsageError
+    from allo_batch.jobspec import load_spec, plan_files, spec_api_key
+
+    job_file: Path | None = options["job_file"]
+    if job_file is None:
+        if input_path is None:
+            msg = "give INPUT, or --job with a job spec"
+            raise UsageError(msg)
+        if options["ds"] is not None:
+            msg = "--ds only applies with --job"
+            raise UsageError(msg)
+        key_file = options["api_key_file"]
+        key = None if options["use_sandbox"] else api_key_from(key_file=key_file)
+        return [_config(input_path, options["output"], options, {}, key)]
+    spec = load_spec(job_file)
+    for name, option in _SPEC_OPTIONS.items():
+        if option not in explicit and spec.get(name) is not None:
+            options[option] = spec.get(name)
+    console.use(options["log_format"], job=spec.name)
+    ds = options["ds"].date() if options["ds"] else dt.date.today()
+    console.context(ds=ds.isoformat())
+    files = plan_files(spec, ds=ds, input_override=input_path, output_override=options["output"])
+    if not files:
+        pattern = spec.get("input")
+        if spec.get("if_no_input", "fail") == "skip":
+            console.skipped(f"{job_file}: no input file matches {pattern!r} for {ds}")
+            return []
+        msg = f"{job_file}: no input file matches {pattern!r} for {ds}"
+        raise UsageError(msg)
+    if options["use_sandbox"]:
+        key = None
+    elif "api_key_file" in explicit:
+        key = api_key_from(key_file=options["api_key_file"])
+    else:
+        key = spec_api_key(spec)
+    columns = dict(spec.get("columns", {}))
+    extra = {"log_interval": spec.get("log_interval")}
+    configs = []
+    for planned in files:
+        if planned.output is not None:
+            planned.output.parent.mkdir(parents=True, exist_ok=True)
+        configs.append(_config(planned.input, planned.output, options, columns, key, **extra))
+    return configs
+
+
+# Job-spec keys that have a ``run`` option of their own (which wins when given).
+_SPEC_OPTIONS = {
+    "format": "input_format",
+    "base_url": "base_url",
+    "rate": "rate",
+    "concurrency": "concurrency",
+    "timeout": "timeout",
+    "max_attempts": "max_attempts",
+    "max_errors": "max_errors",
+    "limit": "limit",
+    "log_format": "log_format",
+}
+
+
+def _config(
+    input_path: Path,
+    output: Path | None,
+    options: dict[str, Any],
+    columns: dict[str, str],
+    key: Any,
+    *,
+    log_interval: float | None = None,
+) -> Any:
+    from allo_batch.config import JobConfig, RetryPolicy, SandboxOptions, parse_column_mapping
+    from allo_batch.constants import DEFAULT_BASE_URL
+
+    progress = options["progress"]
+    config = JobConfig(
+        input=input_path,
+        output=output,
+        input_format=options["input_format"],
+        columns={**columns, **parse_column_mapping(options["columns"])},
+        base_url=options["base_url"] or DEFAULT_BASE_URL,
+        api_key=key,
+        rate=options["rate"],
+        concurrency=options["concurrency"],
+        timeout=options["timeout"],
+        retry=RetryPolicy(max_attempts=options["max_attempts"]),
+        max_errors=options["max_errors"],
+        limit=options["limit"],
+        dry_run=options["dry_run"],
+        force=options["force"],
+        sandbox=SandboxOptions(
+            world_file=options["sandbox_world"],
+            write_rate=options["sandbox_rate"],
+            faults=options["sandbox_faults"],
+            seed=options["sandbox_seed"],
+        )
+        if options["use_sandbox"]
+        else None,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    return dataclasses.replace(config, log_interval=log_interval) if log_interval else config
+
+
+def _run_one(config: Any, console: _Console) -> int:
+    """Run one configuration; report its summary or its stop; return its exit code."""
+    from allo_batch.errors import AlloBatchError
     from allo_batch.pipeline import run_job
-    from allo_batch.report import LogReporter, TqdmReporter
 
-    reporter: Any
-    if config.progress:
-        reporter = TqdmReporter(total=None)
-    else:
-        reporter = LogReporter(total=None, interval=config.log_interval)
-    return run_job(config, reporter=reporter)
+    try:
+        summary = run_job(config, reporter=console.reporter(config))
+    except AlloBatchError as error:
+        partial = getattr(error, "summary", None)
+        if partial is not None:
+            console.summary(partial, config)
+        console.failed(error, config)
+        return int(error.exit_code)
+    console.summary(summary, config)
+    return int(summary.exit_code)
 
 
-def _print_summary(summary: Any, *, as_json: bool) -> None:
-    from allo_batch.report import format_summary, summary_json
+class _Console:
+    """Where ``run`` tells what happens: lines for people, or JSON events (``--log-format``)."""
 
-    if as_json:
-        click.echo(summary_json(summary))
-    else:
-        click.echo(format_summary(summary), err=True)
+    def __init__(self, log_format: str, *, as_json: bool) -> None:
+        self.as_json = as_json
+        self.log: Any = None
+        self.use(log_format)
+
+    def use(self, log_format: str, **context: Any) -> None:
+        """Switch to ``log_format`` (a job spec may set it), with fields for every event."""
+        import logging
+
+        from allo_batch.report import JsonLog
+
+        self.log = JsonLog(**context) if log_format == "json" else None
+        formatter: logging.Formatter = (
+            _json_log_formatter(self.log) if self.log else logging.Formatter(_TEXT_LOG_FORMAT)
+        )
+        for handler in logging.getLogger("allo_batch").handlers:
+            handler.setFormatter(formatter)
+
+    def context(self, **fields: Any) -> None:
+        """Add fields to every later JSON event."""
+        if self.log is not None:
+            self.log.context.update(fields)
+
+    def reporter(self, config: Any) -> Any:
+        """The progress reporter of one run."""
+        from allo_batch.report import JsonLogReporter, LogReporter, TqdmReporter
+
+        if self.log is not None:
+            return JsonLogReporter(
+                self.log,
+                config.log_interval,
+                input=str(config.input),
+                output=str(config.output_path),
+                dry_run=config.dry_run,
+            )
+        if config.progress:
+            return TqdmReporter(total=None)
+        return LogReporter(total=None, interval=config.log_interval)
+
+    def summary(self, summary: Any, config: Any) -> None:
+        """The end-of-run summary: stdout with --json; stderr as text or a ``summary`` event."""
+        from allo_batch.report import format_summary, summary_json
+
+        if self.as_json:
+            click.echo(summary_json(summary))
+        if self.log is not None:
+            self.log.emit("summary", input=str(config.input), **summary.as_dict())
+        elif not self.as_json:
+            click.echo(format_summary(summary), err=True)
+
+    def failed(self, error: Exception, config: Any = None) -> None:
+        """A run that stopped or never started."""
+        from allo_batch.errors import AlloBatchError
+
+        code = int(error.exit_code) if isinstance(error, AlloBatchError) else 2
+        if self.log is not None:
+            where = {"input": str(config.input)} if config is not None else {}
+            self.log.emit("stop", exit_code=code, reason=str(error), **where)
+        else:
+            click.echo(f"allo-batch: {error}", err=True)
+
+    def skipped(self, message: str) -> None:
+        """A job with nothing to do today."""
+        if self.log is not None:
+            self.log.emit("skip", exit_code=0, reason=message)
+        else:
+            click.echo(f"allo-batch: {message}; nothing to do", err=True)
+
+    def interrupted(self, name: str) -> None:
+        """A signal outside the send phase."""
+        reason = f"interrupted by {name}; a rerun resumes from here"
+        if self.log is not None:
+            self.log.emit("stop", exit_code=130, reason=reason)
+        else:
+            click.echo(f"allo-batch: {reason}", err=True)
+
+
+def _json_log_formatter(log: Any) -> Any:
+    """A logging formatter that turns ``allo_batch`` records into ``warning`` (…) events."""
+    import logging
+
+    class JsonLogFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return str(log.line(record.levelname.lower(), message=record.getMessage()))
+
+    return JsonLogFormatter()
 
 
 @cli.command()
@@ -401,7 +569,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def _exit_130_on_signals() -> Iterator[None]:
+def _exit_130_on_signals(console: _Console) -> Iterator[None]:
     """For ``run``: while rows are being sent, the run itself handles SIGINT and SIGTERM (stop,
     grace, record, exit 130). Before and after that phase a signal ends the process at once with
     exit 130: the journal keeps whatever landed, and a rerun resumes."""
@@ -416,8 +584,7 @@ def _exit_130_on_signals() -> Iterator[None]:
     try:
         yield
     except _Interrupted as stop:
-        name = signal.Signals(stop.args[0]).name
-        click.echo(f"allo-batch: interrupted by {name}; a rerun resumes from here", err=True)
+        console.interrupted(signal.Signals(stop.args[0]).name)
         sys.exit(130)
     finally:
         for signum, handler in previous.items():

@@ -101,6 +101,75 @@ class LogReporter:
         """Nothing to close."""
 
 
+class JsonLog:
+    """``--log-format json``: one JSON object per line on stderr, for log shippers.
+
+    Every object has ``ts`` (UTC, ISO 8601), ``event`` and that event's fields. Events: ``start``,
+    ``progress``, ``warning``, ``skip``, ``stop`` and ``summary``. None carries a row's content or
+    the key: only counts, paths, codes and the run's own messages.
+    """
+
+    def __init__(self, stream: TextIO | None = None, **context: Any) -> None:
+        self._stream = stream
+        self.context = {k: v for k, v in context.items() if v is not None}
+
+    def line(self, event: str, **fields: Any) -> str:
+        """One event as a JSON line (``None`` fields left out)."""
+        from datetime import UTC, datetime
+
+        record = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "event": event,
+            **self.context,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+        return json.dumps(record, default=str)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Write one event line to stderr."""
+        print(self.line(event, **fields), file=self._stream or sys.stderr, flush=True)
+
+
+class JsonLogReporter:
+    """Progress as ``start`` and periodic ``progress`` events of a :class:`JsonLog`."""
+
+    def __init__(self, log: JsonLog, interval: float, **start_fields: Any) -> None:
+        self._log = log
+        self._interval = interval
+        self._start_fields = start_fields
+        self._total: int | None = None
+        self._started = time.monotonic()
+        self._next = self._started + interval
+
+    def start(self, total: int) -> None:
+        """Emit ``start`` with the row count."""
+        self._total = total
+        self._started = time.monotonic()
+        self._next = self._started + self._interval
+        self._log.emit("start", rows=total, **self._start_fields)
+
+    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+        """Emit ``progress`` when the interval has passed."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._interval
+        eta = None
+        if self._total and done:
+            eta = round((self._total - done) * (now - self._started) / done, 1)
+        self._log.emit(
+            "progress",
+            done=done,
+            rows=self._total,
+            by_status={s: counts[s] for s in STATUSES if counts.get(s)},
+            requests_per_second=round(rate, 2) if rate else None,
+            eta_seconds=eta,
+        )
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def _counts_text(counts: Counter[str], rate: float | None) -> str:
     parts = [f"{s} {counts[s]}" for s in STATUSES if counts.get(s)]
     if rate:
