@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/allo-batch report out/demo.results.csv
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check allo_batch tests scripts
-	$(BIN)/ruff check allo_batch tests scripts
+	$(BIN)/ruff format --check allo_batch tests scripts jobs
+	$(BIN)/ruff check allo_batch tests scripts jobs
 	$(BIN)/mypy --strict allo_batch
 
 ## All tests: formatting, lint, types, then pytest.
