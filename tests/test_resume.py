@@ -434,15 +434,26 @@ def test_journal_and_results_are_owner_only(tmp_path: Path) -> None:
     assert output.stat().st_mode & 0o777 == 0o600
 
 
-def test_a_signal_outside_the_send_phase_exits_130_and_restores_handlers() -> None:
-    from allo_batch.cli import _exit_130_on_signals
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_signal_outside_the_send_phase_exits_130_and_restores_handlers(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from allo_batch.cli import _Console, _exit_130_on_signals
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as stopped, _exit_130_on_signals():
+    console = _Console(log_format, as_json=False)
+    with pytest.raises(SystemExit) as stopped, _exit_130_on_signals(console):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this at once
     assert stopped.value.code == 130
     assert signal.getsignal(signal.SIGTERM) is before
+    told = capsys.readouterr().err
+    if log_format == "json":
+        event = json.loads(told)
+        assert (event["event"], event["exit_code"]) == ("stop", 130)
+        assert event["reason"] == "interrupted by SIGTERM; a rerun resumes from here"
+    else:
+        assert told == "allo-batch: interrupted by SIGTERM; a rerun resumes from here\n"
 
 
 def test_the_journal_is_synced_within_a_second_even_when_no_answer_comes(tmp_path: Path) -> None:
