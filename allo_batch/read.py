@@ -1,17 +1,19 @@
-"""Reading corrections with polars: streaming batches of ``row, call_id, template_key, content``.
+"""Reading corrections: streaming polars batches of ``row, call_id, template_key, content``.
 
 Nothing here judges a row; it only finds the columns, casts them to strings and numbers the rows
-(0-based, in file order). Memory stays bounded: CSV and NDJSON stream through
-``collect_batches``; Parquet is read a row group slice at a time (performance.md rules 8, L14–L16).
+(0-based, in file order). Memory stays bounded: CSV and Parquet stream through pyarrow's readers
+a few blocks or a row group slice at a time, NDJSON through polars' ``collect_batches``
+(performance.md rules 8, L14–L16).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat
 from allo_batch.errors import InputError
@@ -20,6 +22,11 @@ if TYPE_CHECKING:
     import polars as pl
 
 ROW = "row"
+Frame = TypeVar("Frame", "pl.DataFrame", "pl.LazyFrame")
+FIELDS = ("call_id", "template_key", "content")
+KEY_FIELDS = ("call_id", "template_key")
+# pyarrow's CSV reader parses blocks of this many bytes (in parallel) and holds a few.
+_CSV_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +42,9 @@ class InputSource:
         """The input as a lazy frame of ``row, call_id, template_key, content`` (strings)."""
         return self.shape(_scan(self.path, self.format))
 
-    def shape(self, frame: pl.LazyFrame, offset: int = 0) -> pl.LazyFrame:
-        """Number the rows from ``offset`` and map the file's columns to the four fields."""
+    def shape(self, frame: Frame, offset: int = 0, fields: tuple[str, ...] = FIELDS) -> Frame:
+        """Number the rows from ``offset`` and map the file's columns to ``fields`` (eagerly
+        for a DataFrame: a lazy plan per batch costs more than the work)."""
         import polars as pl
 
         def col(name: str) -> pl.Expr:
@@ -46,8 +54,13 @@ class InputSource:
             return pl.col(source).cast(pl.String).alias(name)
 
         return frame.with_row_index(ROW, offset=offset).select(
-            pl.col(ROW).cast(pl.Int64), col("call_id"), col("template_key"), col("content")
+            pl.col(ROW).cast(pl.Int64), *(col(name) for name in fields)
         )
+
+    def file_columns(self, fields: tuple[str, ...] = FIELDS) -> list[str]:
+        """The file's columns that feed ``fields``, in file order."""
+        wanted = {self.columns[name] for name in fields} - {None}
+        return [name for name in self.found if name in wanted]
 
 
 def open_input(path: Path, fmt: InputFormat, mapping: dict[str, str] | None = None) -> InputSource:
@@ -93,47 +106,131 @@ def open_input(path: Path, fmt: InputFormat, mapping: dict[str, str] | None = No
 def iter_batches(
     source: InputSource, batch_size: int, limit: int | None = None
 ) -> Iterator[pl.DataFrame]:
-    """Yield the input in order, ``batch_size`` rows at a time, never all of it at once.
-
-    Parquet goes through pyarrow's ``iter_batches``, which decodes a slice of a row group at a
-    time; polars' batched reads hold whole row groups, several at once (performance.md L16:
-    1.8 GB for 1M rows of 2 KB in 125k-row groups).
-    """
-    import polars as pl
-
+    """Yield the input in order, ``batch_size`` rows at a time, never all of it at once."""
     if not source.found:
         return
     left = limit
+    for batch in shaped_batches(source, batch_size):
+        if left is not None:
+            if left <= 0:
+                return
+            batch = batch.head(left)
+            left -= batch.height
+        yield batch
+
+
+def shaped_batches(
+    source: InputSource, batch_size: int, fields: tuple[str, ...] = FIELDS
+) -> Iterator[pl.DataFrame]:
+    """``row`` and ``fields``, ``batch_size`` rows at a time, in file order."""
+    import polars as pl
+
+    offset = 0
     try:
-        batches = (
-            _parquet_batches(source, batch_size)
-            if source.format == "parquet"
-            else source.lazy().collect_batches(chunk_size=batch_size, maintain_order=True)
-        )
-        for batch in batches:
-            if left is not None:
-                if left <= 0:
-                    return
-                batch = batch.head(left)
-                left -= batch.height
-            yield batch
+        for frame in _file_batches(source, batch_size, source.file_columns(fields)):
+            yield source.shape(frame, offset, fields)
+            offset += frame.height
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
         msg = f"{source.path}: cannot read it as {source.format}: {_first_line(exc)}"
         raise InputError(msg) from exc
 
 
-def _parquet_batches(source: InputSource, batch_size: int) -> Iterator[pl.DataFrame]:
+def _file_batches(
+    source: InputSource, batch_size: int, columns: list[str]
+) -> Iterator[pl.DataFrame]:
+    """The file's ``columns`` as read, about ``batch_size`` rows at a time.
+
+    CSV and Parquet go through pyarrow's streaming readers, which hold a few blocks of the file:
+    polars' streaming CSV reader held 330-420 MB whatever the batch size, and its batched
+    Parquet reads hold whole row groups, several at once (performance.md L16: 1.8 GB for 1M rows
+    of 2 KB in 125k-row groups). NDJSON streams through polars.
+    """
+    if source.format == "parquet":
+        yield from _parquet_batches(source, batch_size, columns)
+    elif source.format == "csv":
+        yield from _csv_batches(source, batch_size, columns)
+    else:
+        frame = _scan(source.path, source.format).select(columns)
+        yield from frame.collect_batches(chunk_size=batch_size, maintain_order=True)
+
+
+def _parquet_batches(
+    source: InputSource, batch_size: int, columns: list[str]
+) -> Iterator[pl.DataFrame]:
     import polars as pl
     import pyarrow.parquet as pq
 
-    wanted = list(dict.fromkeys(c for c in source.columns.values() if c is not None))
-    offset = 0
     with pq.ParquetFile(source.path) as handle:
-        for record_batch in handle.iter_batches(batch_size=batch_size, columns=wanted):
+        for record_batch in handle.iter_batches(batch_size=batch_size, columns=columns):
             frame = pl.from_arrow(record_batch)
             assert isinstance(frame, pl.DataFrame)
-            yield source.shape(frame.lazy(), offset).collect()
-            offset += frame.height
+            yield frame
+
+
+def _csv_batches(
+    source: InputSource, batch_size: int, columns: list[str]
+) -> Iterator[pl.DataFrame]:
+    """CSV as strings, like ``scan_csv(infer_schema=False)``: an empty field is null, a quoted
+    empty field is ``""``; quoted fields may hold newlines; a UTF-8 BOM is skipped."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    pending: list[Any] = []
+    held = read = 0
+    reader = None
+    try:
+        # Opening parses the first block already, so it belongs inside the try.
+        reader = pcsv.open_csv(
+            source.path,
+            read_options=pcsv.ReadOptions(block_size=_CSV_BLOCK),
+            # No invalid_row_handler: with one, pyarrow 26 sometimes aborts the process at exit.
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=columns,
+                column_types=dict.fromkeys(columns, pa.large_string()),
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        for record_batch in reader:
+            pending.append(record_batch)
+            held += record_batch.num_rows
+            while held >= batch_size:
+                table = pa.Table.from_batches(pending)
+                yield _polars(table.slice(0, batch_size))
+                rest = table.slice(batch_size)
+                pending, held, read = rest.to_batches(), rest.num_rows, read + batch_size
+    except pa.ArrowInvalid as exc:
+        msg = f"{_arrow_csv_reason(str(exc), columns)} (at or after row {read + held})"
+        raise pl.exceptions.ComputeError(msg) from None
+    finally:
+        # Its reading threads must stop before the interpreter exits (else: abort, exit 134).
+        if reader is not None:
+            reader.close()
+    if held:
+        yield _polars(pa.Table.from_batches(pending))
+
+
+def _arrow_csv_reason(message: str, columns: list[str]) -> str:
+    """pyarrow's CSV error without the offending line (its parse errors end with
+    ``: <the line>``), and with the column named instead of numbered."""
+    first = message.splitlines()[0]
+    if first.startswith("CSV parse error: "):
+        first = "CSV parse error: " + first.removeprefix("CSV parse error: ").split(": ", 1)[0]
+    number = re.match(r"In CSV column #(\d+): ", first)
+    if number and int(number.group(1)) < len(columns):
+        first = f"column {columns[int(number.group(1))]}: {first[number.end() :]}"
+    return first
+
+
+def _polars(table: Any) -> pl.DataFrame:
+    import polars as pl
+
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,22 +271,17 @@ def fingerprint(
         pl.col("template_key").fill_null("\x00"),
         separator="\x1f",
     )
-    keys = source.lazy().select(
-        key.alias("key"), *([also.alias("also")] if also is not None else [])
-    )
-    try:
-        for batch in keys.collect_batches(chunk_size=batch_size, maintain_order=True):
-            if batch.height:
-                rows += batch.height
-                # Rows end with \x1e, so the digest does not depend on where batches split.
-                joined = batch.select(pl.col("key").str.join("\x1e")).item()
-                digest.update(joined.encode())
-                digest.update(b"\x1e")
-                if also is not None:
-                    gathered.append(batch["also"])
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        msg = f"{source.path}: cannot read it as {source.format}: {_first_line(exc)}"
-        raise InputError(msg) from exc
+    selected = [key.alias("key"), *([also.alias("also")] if also is not None else [])]
+    for frame in shaped_batches(source, batch_size, KEY_FIELDS):
+        if frame.height:
+            rows += frame.height
+            batch = frame.select(selected)
+            # Rows end with \x1e, so the digest does not depend on where batches split.
+            joined = batch.select(pl.col("key").str.join("\x1e")).item()
+            digest.update(joined.encode())
+            digest.update(b"\x1e")
+            if also is not None:
+                gathered.append(batch["also"])
     identity = InputFingerprint(str(source.path.resolve()), rows, digest.hexdigest())
     if also is None:
         return identity, None

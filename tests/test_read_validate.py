@@ -296,3 +296,57 @@ def test_duplicates_are_found_across_batches_and_files_of_any_size(tmp_path: Pat
     assert found["row"].to_list() == [2, 3, 4]
     assert found["repeat_of"].to_list() == [0, None, None]
     assert found["dup_message"].null_count() == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            b"call_id,content\ncll-1,a\ncll-2,SECRET b,extra\n",
+            "CSV parse error: Expected 2 columns, got 3 (at or after row 0)",
+        ),
+        (
+            b"call_id,content\ncll-1,a\ncll-2\n",
+            "CSV parse error: Expected 2 columns, got 1 (at or after row 0)",
+        ),
+        (b"call_id,content\ncll-1,SECRET \xff\xfe\n", "column content: CSV conversion error"),
+    ],
+)
+def test_a_malformed_csv_is_named_without_its_content(
+    tmp_path: Path, text: bytes, reason: str
+) -> None:
+    """Exit 2 naming the file and what is wrong; the offending line's text never appears."""
+    path = tmp_path / "broken.csv"
+    path.write_bytes(text)
+    result = run_cli("validate", str(path))
+    assert result.exit_code == 2
+    assert f"{path}: cannot read it as csv" in result.output
+    assert reason in result.output
+    assert "SECRET" not in result.output
+
+
+def test_csv_batches_have_the_asked_size_whatever_the_blocks(tmp_path: Path) -> None:
+    """pyarrow parses 1 MB blocks; batches are cut to batch_size rows, numbered in order."""
+    path = tmp_path / "many.csv"
+    rows = 30_000
+    pl.DataFrame(
+        {"call_id": [f"cll-{i}" for i in range(rows)], "content": ["x" * 100] * rows}
+    ).write_csv(path)
+    batches = list(iter_batches(open_input(path, "csv"), 7_000))
+    assert [b.height for b in batches] == [7_000] * 4 + [2_000]
+    assert pl.concat(batches)["row"].to_list() == list(range(rows))
+    assert pl.concat(batches)["call_id"][-1] == f"cll-{rows - 1}"
+
+
+def test_a_bad_line_deep_in_a_csv_is_located_after_the_rows_read(tmp_path: Path) -> None:
+    """Past the first 1 MB block, the message says how far reading got before the bad line."""
+    path = tmp_path / "deep.csv"
+    good = "".join(f"cll-{i},{'x' * 100}\n" for i in range(30_000))
+    path.write_text("call_id,content\n" + good + "cll-x,SECRET,extra\n")
+    with pytest.raises(InputError) as raised:
+        list(iter_batches(open_input(path, "csv"), 5_000))
+    message = str(raised.value)
+    assert "Expected 2 columns, got 3 (at or after row " in message
+    where = int(message.rsplit("row ", 1)[1].rstrip(")"))
+    assert 5_000 <= where <= 30_000
+    assert "SECRET" not in message

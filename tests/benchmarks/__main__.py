@@ -192,6 +192,7 @@ def memory(folder: Path, quick: bool) -> list[Outcome]:
                 "--json",
             ),
             timeout=1800,
+            pinned=False,
         )
         child.summary()
         peaks[path.name] = child.max_rss_mb
@@ -213,7 +214,7 @@ def memory(folder: Path, quick: bool) -> list[Outcome]:
 def validation(folder: Path, quick: bool) -> list[Outcome]:
     """``allo-batch validate`` on 10M rows: prefix, length, template and duplicate checks."""
     path = write_corrections(folder / "v10.csv", 10_000_000, content_bytes=20)
-    child = run_child(allo_batch("validate", str(path)), timeout=600)
+    child = run_child(allo_batch("validate", str(path)), timeout=600, pinned=False)
     ok = child.code == 0 and "10000000 rows" in child.stdout
     return [
         Outcome(
