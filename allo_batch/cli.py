@@ -334,7 +334,7 @@ def _plan_runs(
             return []
         msg = f"{job_file}: no input file matches {pattern!r} for {ds}"
         raise UsageError(msg)
-    if options["use_sandbox"]:
+    if options["use_sandbox"] or options["dry_run"]:  # a dry run needs no key
         key = None
     elif "api_key_file" in explicit:
         key = api_key_from(key_file=options["api_key_file"])

@@ -36,6 +36,16 @@ def cron_env(tmp_path: Path, key: str) -> dict[str, str]:
     }
 
 
+def write_job(folder: Path, name: str, output: str, base_url: str, extra: str = "") -> Path:
+    """A spec reading ``drop.csv`` beside it, with the key in ``KEY_VARIABLE``."""
+    spec = folder / f"{name}.toml"
+    spec.write_text(
+        f'input = "drop.csv"\noutput = "{output}"\nbase_url = "{base_url}"\n'
+        f'api_key_env = "{KEY_VARIABLE}"\n{extra}'
+    )
+    return spec
+
+
 def alerts(tmp_path: Path) -> list[list[str]]:
     path = tmp_path / "alerts.txt"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -45,14 +55,11 @@ def alerts(tmp_path: Path) -> list[list[str]]:
 def test_two_at_once_one_runs_one_skips_then_a_rerun_sends_nothing(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
-
     frame = corrections(20)
     frame.write_csv(tmp_path / "drop.csv")
     with sandbox_factory(world_for(frame, write_rate=10), api_key=KEY) as sandbox:
-        spec = tmp_path / "nightly.toml"
-        spec.write_text(
-            f'input = "drop.csv"\noutput = "results/{{ds}}.csv"\nbase_url = "{sandbox.base_url}"\n'
-            f'api_key_env = "{KEY_VARIABLE}"\nlog_format = "json"\n'
+        spec = write_job(
+            tmp_path, "nightly", "results/{ds}.csv", sandbox.base_url, 'log_format = "json"\n'
         )
         env = cron_env(tmp_path, KEY)
         args = [str(WRAPPER), str(spec), "--ds", "2026-11-23"]
@@ -86,16 +93,11 @@ def test_two_at_once_one_runs_one_skips_then_a_rerun_sends_nothing(
 
 
 def test_exit_codes_become_alerts(sandbox_factory: SandboxFactory, tmp_path: Path) -> None:
-
     frame = corrections(3)
     bad = frame.with_columns(pl.Series("call_id", ["cll-000000", "msg-1", "cll-000002"]))
     bad.write_csv(tmp_path / "drop.csv")
     with sandbox_factory(world_for(frame, write_rate=20), api_key=KEY) as sandbox:
-        spec = tmp_path / "job.toml"
-        spec.write_text(
-            f'input = "drop.csv"\noutput = "out.csv"\nbase_url = "{sandbox.base_url}"\n'
-            f'api_key_env = "{KEY_VARIABLE}"\n'
-        )
+        spec = write_job(tmp_path, "job", "out.csv", sandbox.base_url)
         env = cron_env(tmp_path, KEY)
         partial = subprocess.run([str(WRAPPER), str(spec)], env=env, timeout=60)
         assert partial.returncode == 1

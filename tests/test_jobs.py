@@ -227,6 +227,20 @@ def test_backfill_example_runs_against_the_sandbox(
         check_landed_once(sandbox, frame)
 
 
+def test_a_dry_run_of_a_spec_needs_no_key(tmp_path: Path) -> None:
+    """`run --job jobs/backfill.toml --dry-run`, as the example suggests, before its key exists."""
+    source = tmp_path / "short-calls.parquet"
+    corrections(4).write_parquet(source)
+    output = tmp_path / "plan.csv"
+    args = ["run", "--job", str(JOBS / "backfill.toml"), str(source), "-o", str(output)]
+    result = invoke([*args, "--dry-run", "--json"], env={"ALLO_API_KEY": ""})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["by_status"] == {"not_sent": 4}
+    refused = invoke(args, env={"ALLO_API_KEY": ""})
+    assert refused.exit_code == 2
+    assert "/etc/allo-batch/backfill.key: cannot read the API key file" in refused.stderr
+
+
 def test_a_glob_makes_one_run_per_file_and_an_empty_day_can_be_skipped(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
