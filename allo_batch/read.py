@@ -285,7 +285,7 @@ def fingerprint(
     identity = InputFingerprint(str(source.path.resolve()), rows, digest.hexdigest())
     if also is None:
         return identity, None
-    return identity, pl.concat(gathered, rechunk=True) if gathered else None
+    return identity, pl.concat(gathered, rechunk=False) if gathered else None
 
 
 def _scan(path: Path, fmt: InputFormat) -> pl.LazyFrame:
