@@ -271,8 +271,8 @@ def run(ctx: click.Context, /, input_path: Path | None, **options: Any) -> None:
     Exit codes: 0 every row updated (now or earlier), 1 some rows invalid or failed,
     2 bad usage or unreadable input (nothing sent), 3 stopped early (key refused,
     --max-errors, API unavailable, another run holds the output), 130 interrupted
-    (a rerun resumes). With --job and an input glob, each file is its own run and
-    the exit code is the highest of theirs.
+    (a rerun resumes). With --job and an input glob, each file is its own run, the
+    exit code is the highest of theirs, and a stop (3, 130) leaves the later files.
 
     \b
     Examples:
@@ -294,7 +294,14 @@ def run(ctx: click.Context, /, input_path: Path | None, **options: Any) -> None:
         except AlloBatchError as error:
             console.failed(error)
             sys.exit(int(error.exit_code))
-        codes = [_run_one(config, console) for config in plans]
+        codes: list[int] = []
+        for done, config in enumerate(plans):
+            codes.append(_run_one(config, console))
+            if codes[-1] >= _STOPPED and done + 1 < len(plans):
+                # A stop (key refused, API down, Ctrl-C) would stop the next file too.
+                left = ", ".join(str(later.input) for later in plans[done + 1 :])
+                console.skipped(f"not started after the stop above: {left}", codes[-1])
+                break
         sys.exit(max(codes, default=0))
 
 
@@ -330,7 +337,9 @@ def _plan_runs(
     if not files:
         pattern = spec.get("input")
         if spec.get("if_no_input", "fail") == "skip":
-            console.skipped(f"{job_file}: no input file matches {pattern!r} for {ds}")
+            console.skipped(
+                f"{job_file}: no input file matches {pattern!r} for {ds}; nothing to do"
+            )
             return []
         msg = f"{job_file}: no input file matches {pattern!r} for {ds}"
         raise UsageError(msg)
@@ -349,6 +358,8 @@ def _plan_runs(
         configs.append(_config(planned.input, planned.output, options, columns, key, **extra))
     return configs
 
+
+_STOPPED = 3  # exit codes from here on end a run early: later files of a job are not started
 
 # Job-spec keys that have a ``run`` option of their own (which wins when given).
 _SPEC_OPTIONS = {
@@ -486,12 +497,12 @@ class _Console:
         else:
             click.echo(f"allo-batch: {error}", err=True)
 
-    def skipped(self, message: str) -> None:
-        """A job with nothing to do today."""
+    def skipped(self, message: str, exit_code: int = 0) -> None:
+        """Files of a job left alone: none matched today, or a stop came first."""
         if self.log is not None:
-            self.log.emit("skip", exit_code=0, reason=message)
+            self.log.emit("skip", exit_code=exit_code, reason=message)
         else:
-            click.echo(f"allo-batch: {message}; nothing to do", err=True)
+            click.echo(f"allo-batch: {message}", err=True)
 
     def interrupted(self, name: str) -> None:
         """A signal outside the send phase."""

@@ -272,6 +272,30 @@ def test_a_glob_makes_one_run_per_file_and_an_empty_day_can_be_skipped(
     assert "no input file matches" in failed.stderr
 
 
+def test_a_stop_ends_the_job_before_its_next_file(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A refused key stops the first file with 3; the second is not started, and says so."""
+    first, second = corrections(2), corrections(2, start=10)
+    first.write_csv(tmp_path / "part-1.csv")
+    second.write_csv(tmp_path / "part-2.csv")
+    with sandbox_factory(world_for(first, second), api_key=KEY) as sandbox:
+        spec = write_spec(
+            tmp_path,
+            f'input = "part-*.csv"\noutput = "{{stem}}.results.csv"\n'
+            f'base_url = "{sandbox.base_url}"\nlog_format = "json"\n',
+        )
+        result = invoke(["run", "--job", str(spec)], env={"ALLO_API_KEY": "ak_not_a_key"})
+        assert result.exit_code == 3
+        assert written(sandbox) == {}
+    log = events(result.stderr)
+    assert [e["event"] for e in log] == ["start", "summary", "stop", "skip"]
+    assert log[-1]["exit_code"] == 3
+    assert log[-1]["reason"] == f"not started after the stop above: {tmp_path / 'part-2.csv'}"
+    assert (tmp_path / "part-1.results.csv").exists()
+    assert not (tmp_path / "part-2.results.csv").exists()
+
+
 def test_ds_needs_a_job_and_a_run_needs_an_input(tmp_path: Path) -> None:
     assert "give INPUT, or --job" in invoke(["run"]).stderr
     only_ds = invoke(["run", str(tmp_path / "a.csv"), "--ds", DS])
