@@ -354,7 +354,11 @@ def _plan_runs(
     configs = []
     for planned in files:
         if planned.output is not None:
-            planned.output.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                planned.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                msg = f"{planned.output.parent}: cannot make the output folder ({exc.strerror})"
+                raise UsageError(msg) from exc
         configs.append(_config(planned.input, planned.output, options, columns, key, **extra))
     return configs
 

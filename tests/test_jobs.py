@@ -296,6 +296,16 @@ def test_a_stop_ends_the_job_before_its_next_file(
     assert not (tmp_path / "part-2.results.csv").exists()
 
 
+def test_an_output_folder_that_cannot_be_made_is_exit_2(tmp_path: Path) -> None:
+    corrections(1).write_csv(tmp_path / "in.csv")
+    (tmp_path / "blocked").write_text("a file where the folder should be")
+    spec = write_spec(tmp_path, 'input = "in.csv"\noutput = "blocked/{ds}/out.csv"\n')
+    result = invoke(["run", "--job", str(spec), "--dry-run"])
+    assert result.exit_code == 2
+    assert "blocked/" in result.stderr
+    assert "cannot make the output folder" in result.stderr
+
+
 def test_ds_needs_a_job_and_a_run_needs_an_input(tmp_path: Path) -> None:
     assert "give INPUT, or --job" in invoke(["run"]).stderr
     only_ds = invoke(["run", str(tmp_path / "a.csv"), "--ds", DS])
