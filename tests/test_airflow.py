@@ -30,6 +30,8 @@ DS = "2026-11-23"
 
 pytestmark = [
     pytest.mark.airflow,
+    # The first test also installs Airflow (a download of about 300 MB on a fresh machine).
+    pytest.mark.timeout(1200),
     pytest.mark.skipif(
         os.environ.get("ALLO_BATCH_SKIP_AIRFLOW") == "1", reason="ALLO_BATCH_SKIP_AIRFLOW=1"
     ),
