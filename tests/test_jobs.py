@@ -241,14 +241,19 @@ def test_a_dry_run_of_a_spec_needs_no_key(tmp_path: Path) -> None:
     assert "/etc/allo-batch/backfill.key: cannot read the API key file" in refused.stderr
 
 
+def two_parts(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``part-1.csv`` (3 rows) and ``part-2.csv`` (4 rows) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first, second = corrections(3), corrections(4, start=50)
+    first.write_csv(folder / "part-1.csv")
+    second.write_csv(folder / "part-2.csv")
+    return first, second
+
+
 def test_a_glob_makes_one_run_per_file_and_an_empty_day_can_be_skipped(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
-    first, second = corrections(3), corrections(4, start=50)
-    drops = tmp_path / "drops" / DS
-    drops.mkdir(parents=True)
-    first.write_csv(drops / "part-1.csv")
-    second.write_csv(drops / "part-2.csv")
+    first, second = two_parts(tmp_path / "drops" / DS)
     with sandbox_factory(world_for(first, second), api_key=KEY) as sandbox:
         spec = write_spec(
             tmp_path,
@@ -276,9 +281,7 @@ def test_a_stop_ends_the_job_before_its_next_file(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
     """A refused key stops the first file with 3; the second is not started, and says so."""
-    first, second = corrections(2), corrections(2, start=10)
-    first.write_csv(tmp_path / "part-1.csv")
-    second.write_csv(tmp_path / "part-2.csv")
+    first, second = two_parts(tmp_path)
     with sandbox_factory(world_for(first, second), api_key=KEY) as sandbox:
         spec = write_spec(
             tmp_path,
