@@ -62,10 +62,11 @@ def new_request_id() -> str:
 
 
 def make_http_client(
-    *, workers: int, timeout: float, transport: Any = None, verify: Any = True
+    *, timeout: float, transport: Any = None, verify: Any = True
 ) -> httpx.AsyncClient:
-    """An AsyncClient for ``workers`` workers: HTTP/1.1, one connection each (perf rules 1–4)."""
-    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    """An AsyncClient for one worker: HTTP/1.1 over one kept-alive connection (perf rules 1–4;
+    why one each: :func:`http_lanes`)."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     return httpx.AsyncClient(
         limits=limits,
         timeout=httpx.Timeout(timeout, pool=None),
@@ -97,7 +98,7 @@ async def http_lanes(
     async with AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(
-                make_http_client(workers=1, timeout=timeout, transport=transport, verify=verify)
+                make_http_client(timeout=timeout, transport=transport, verify=verify)
             )
             for _ in range(max(workers, 1))
         ]

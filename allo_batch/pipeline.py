@@ -213,7 +213,7 @@ async def _send_all(
     from allo_batch.send import Sender
 
     # The pool is sized from the rate, which /me tells: ask it first on a client of its own.
-    async with make_http_client(workers=1, timeout=config.timeout, transport=transport) as http:
+    async with make_http_client(timeout=config.timeout, transport=transport) as http:
         rate, refusal = await _preflight(AlloClient(http, *target), config)
     workers = config.workers(rate)
     async with http_lanes(workers=workers, timeout=config.timeout, transport=transport) as lanes:

@@ -15,7 +15,7 @@ from allo_batch.ratelimit import Pacer, WindowWatch
 
 def answer_for(handler: httpx.MockTransport) -> object:
     async def go() -> object:
-        async with make_http_client(workers=1, timeout=1, transport=handler) as http:
+        async with make_http_client(timeout=1, transport=handler) as http:
             return await AlloClient(http, "https://api.test", Secret("ak_k")).update_summary(
                 "cll-1", b'{"content":"x"}'
             )
