@@ -68,37 +68,56 @@ class TqdmReporter:
         self._bar.close()
 
 
-class LogReporter:
-    """A plain line every ``interval`` seconds (not a terminal: cron, Airflow)."""
+class _Periodic:
+    """What the periodic reporters share: the total, the interval and the ETA."""
 
-    def __init__(self, total: int | None, interval: float, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int | None, interval: float) -> None:
         self._total = total
         self._interval = interval
-        self._stream = stream or sys.stderr
-        self._next = time.monotonic() + interval
         self._started = time.monotonic()
+        self._next = self._started + interval
 
     def start(self, total: int) -> None:
-        """Remember the total for percentages and the ETA."""
+        """Remember the total; the first line comes one interval from now."""
         self._total = total
         self._started = time.monotonic()
+        self._next = self._started + self._interval
 
-    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
-        """Write a line when the interval has passed."""
+    def _due(self) -> float | None:
+        """The time now if a line is due (and the next one is scheduled), else None."""
         now = time.monotonic()
         if now < self._next:
-            return
+            return None
         self._next = now + self._interval
-        of = f"/{self._total} ({100 * done // max(self._total, 1)}%)" if self._total else ""
-        eta = ""
-        if self._total and done:
-            left = (self._total - done) * (now - self._started) / done
-            eta = f", ETA {_duration(left)}"
-        line = f"allo-batch: {done}{of} rows, {_counts_text(counts, rate)}{eta}"
-        print(line, file=self._stream, flush=True)
+        return now
+
+    def _eta(self, done: int, now: float) -> float | None:
+        """Seconds left at the rate so far, when the total is known."""
+        if not self._total or not done:
+            return None
+        return (self._total - done) * (now - self._started) / done
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+class LogReporter(_Periodic):
+    """A plain line every ``interval`` seconds (not a terminal: cron, Airflow)."""
+
+    def __init__(self, total: int | None, interval: float, stream: TextIO | None = None) -> None:
+        super().__init__(total, interval)
+        self._stream = stream or sys.stderr
+
+    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+        """Write a line when the interval has passed."""
+        now = self._due()
+        if now is None:
+            return
+        of = f"/{self._total} ({100 * done // max(self._total, 1)}%)" if self._total else ""
+        left = self._eta(done, now)
+        eta = f", ETA {_duration(left)}" if left is not None else ""
+        line = f"allo-batch: {done}{of} rows, {_counts_text(counts, rate)}{eta}"
+        print(line, file=self._stream, flush=True)
 
 
 class JsonLog:
@@ -130,44 +149,33 @@ class JsonLog:
         print(self.line(event, **fields), file=self._stream or sys.stderr, flush=True)
 
 
-class JsonLogReporter:
+class JsonLogReporter(_Periodic):
     """Progress as ``start`` and periodic ``progress`` events of a :class:`JsonLog`."""
 
     def __init__(self, log: JsonLog, interval: float, **start_fields: Any) -> None:
+        super().__init__(None, interval)
         self._log = log
-        self._interval = interval
         self._start_fields = start_fields
-        self._total: int | None = None
-        self._started = time.monotonic()
-        self._next = self._started + interval
 
     def start(self, total: int) -> None:
         """Emit ``start`` with the row count."""
-        self._total = total
-        self._started = time.monotonic()
-        self._next = self._started + self._interval
+        super().start(total)
         self._log.emit("start", rows=total, **self._start_fields)
 
     def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
         """Emit ``progress`` when the interval has passed."""
-        now = time.monotonic()
-        if now < self._next:
+        now = self._due()
+        if now is None:
             return
-        self._next = now + self._interval
-        eta = None
-        if self._total and done:
-            eta = round((self._total - done) * (now - self._started) / done, 1)
+        eta = self._eta(done, now)
         self._log.emit(
             "progress",
             done=done,
             rows=self._total,
             by_status={s: counts[s] for s in STATUSES if counts.get(s)},
             requests_per_second=round(rate, 2) if rate else None,
-            eta_seconds=eta,
+            eta_seconds=round(eta, 1) if eta is not None else None,
         )
-
-    def close(self) -> None:
-        """Nothing to close."""
 
 
 def _counts_text(counts: Counter[str], rate: float | None) -> str:
