@@ -350,7 +350,7 @@ def _plan_runs(
     else:
         key = spec_api_key(spec)
     columns = dict(spec.get("columns", {}))
-    extra = {"log_interval": spec.get("log_interval")}
+    log_interval = spec.get("log_interval")
     configs = []
     for planned in files:
         if planned.output is not None:
@@ -359,7 +359,9 @@ def _plan_runs(
             except OSError as exc:
                 msg = f"{planned.output.parent}: cannot make the output folder ({exc.strerror})"
                 raise UsageError(msg) from exc
-        configs.append(_config(planned.input, planned.output, options, columns, key, **extra))
+        configs.append(
+            _config(planned.input, planned.output, options, columns, key, log_interval=log_interval)
+        )
     return configs
 
 
