@@ -28,7 +28,14 @@ from allo_batch.errors import (
 from allo_batch.lock import OutputLock
 from allo_batch.models import PlannedRequest, RowResult, RunSummary
 from allo_batch.plan import Planned, attach_done, plan_batch
-from allo_batch.read import InputFingerprint, InputSource, iter_batches, open_input
+from allo_batch.read import (
+    KEY_FIELDS,
+    InputFingerprint,
+    InputSource,
+    iter_batches,
+    open_input,
+    shaped_batches,
+)
 from allo_batch.record import (
     Journal,
     OrderedResults,
@@ -349,10 +356,10 @@ async def _embedded_sandbox(
     assert options is not None
     pairs = None
     if options.world_file is None and source.found:
-        frame = await anyio.to_thread.run_sync(
-            lambda: source.lazy().select("call_id", "template_key").collect()
+        batches = await anyio.to_thread.run_sync(
+            lambda: list(shaped_batches(source, config.batch_size, KEY_FIELDS))
         )
-        pairs = [(c, t) for c, t in frame.iter_rows() if c is not None]
+        pairs = [(c, t) for batch in batches for _, c, t in batch.iter_rows() if c is not None]
     try:
         world = sb.build_world(
             world_file=options.world_file,

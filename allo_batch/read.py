@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat
 from allo_batch.errors import InputError
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import polars as pl
 
 ROW = "row"
-Frame = TypeVar("Frame", "pl.DataFrame", "pl.LazyFrame")
 FIELDS = ("call_id", "template_key", "content")
 KEY_FIELDS = ("call_id", "template_key")
 # pyarrow's CSV reader parses blocks of this many bytes (in parallel) and holds a few.
@@ -38,13 +37,11 @@ class InputSource:
     columns: dict[str, str | None]
     found: tuple[str, ...]
 
-    def lazy(self) -> pl.LazyFrame:
-        """The input as a lazy frame of ``row, call_id, template_key, content`` (strings)."""
-        return self.shape(_scan(self.path, self.format))
-
-    def shape(self, frame: Frame, offset: int = 0, fields: tuple[str, ...] = FIELDS) -> Frame:
-        """Number the rows from ``offset`` and map the file's columns to ``fields`` (eagerly
-        for a DataFrame: a lazy plan per batch costs more than the work)."""
+    def shape(
+        self, frame: pl.DataFrame, offset: int = 0, fields: tuple[str, ...] = FIELDS
+    ) -> pl.DataFrame:
+        """Number the rows from ``offset`` and map the file's columns to ``fields`` (eagerly: a
+        lazy plan per batch costs more than the work)."""
         import polars as pl
 
         def col(name: str) -> pl.Expr:
