@@ -38,7 +38,6 @@ class _Field:
     """What one top-level key accepts."""
 
     kind: str  # "string", "number", "integer", "table"
-    help: str
     choices: tuple[str, ...] = ()
     low: float | None = None
     low_open: bool = False
@@ -59,32 +58,25 @@ class _Field:
         return text
 
 
+# The keys a spec may hold (what each means: the README, "Scheduling").
 FIELDS: Final[dict[str, _Field]] = {
-    "description": _Field("string", "What the job is for (shown nowhere else)."),
-    "input": _Field(
-        "string", "Corrections file or glob; one run per file.", placeholders=_DATE_PLACEHOLDERS
-    ),
-    "output": _Field(
-        "string",
-        "Result file (.parquet, .csv, .ndjson); {stem} when the input is a glob.",
-        placeholders=(*_DATE_PLACEHOLDERS, "stem"),
-    ),
-    "format": _Field("string", "Input format.", choices=("csv", "parquet", "ndjson")),
-    "columns": _Field("table", 'Field = the file\'s column, e.g. content = "new_summary".'),
-    "base_url": _Field("string", "API base URL."),
-    "api_key_env": _Field("string", "Name of the environment variable holding the key."),
-    "api_key_file": _Field("string", "File holding the key (owner-readable only)."),
-    "rate": _Field("number", "Writes per second.", low=0, low_open=True),
-    "concurrency": _Field("integer", "Requests in flight.", low=1, high=256),
-    "timeout": _Field("number", "Seconds per request.", low=0, low_open=True),
-    "max_attempts": _Field("integer", "Tries per row for retryable failures.", low=1, high=100),
-    "max_errors": _Field("integer", "Stop after this many failed rows.", low=1),
-    "limit": _Field("integer", "Only the first N rows of each file.", low=0),
-    "log_format": _Field("string", "stderr format.", choices=("text", "json")),
-    "log_interval": _Field("number", "Seconds between progress lines.", low=0, low_open=True),
-    "if_no_input": _Field(
-        "string", "When no file matches: fail (exit 2) or skip (exit 0).", choices=("fail", "skip")
-    ),
+    "description": _Field("string"),
+    "input": _Field("string", placeholders=_DATE_PLACEHOLDERS),  # a file or a glob
+    "output": _Field("string", placeholders=(*_DATE_PLACEHOLDERS, "stem")),
+    "format": _Field("string", choices=("csv", "parquet", "ndjson")),
+    "columns": _Field("table"),  # field = the file's column
+    "base_url": _Field("string"),
+    "api_key_env": _Field("string"),  # the variable that holds the key
+    "api_key_file": _Field("string"),  # the file that holds the key
+    "rate": _Field("number", low=0, low_open=True),
+    "concurrency": _Field("integer", low=1, high=256),
+    "timeout": _Field("number", low=0, low_open=True),
+    "max_attempts": _Field("integer", low=1, high=100),
+    "max_errors": _Field("integer", low=1),
+    "limit": _Field("integer", low=0),
+    "log_format": _Field("string", choices=("text", "json")),
+    "log_interval": _Field("number", low=0, low_open=True),
+    "if_no_input": _Field("string", choices=("fail", "skip")),  # fail: exit 2; skip: exit 0
 }
 _SECRET_KEYS: Final = ("api_key", "key", "token", "secret", "password")
 
