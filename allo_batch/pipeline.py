@@ -219,7 +219,7 @@ async def _send_all(
     from allo_batch.ratelimit import Pacer, WindowWatch
     from allo_batch.send import Sender
 
-    # The pool is sized from the rate, which /me tells: ask it first on a client of its own.
+    # The worker count (one client each) comes from the rate, which /me tells: ask it first.
     async with make_http_client(timeout=config.timeout, transport=transport) as http:
         rate, refusal = await _preflight(AlloClient(http, *target), config)
     workers = config.workers(rate)
