@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from allo_batch.config import JobConfig
+from allo_batch.models import CODE, MESSAGE, REPEAT_OF
 from allo_batch.read import iter_batches, open_input
-from allo_batch.validate import CODE, MESSAGE, REPEAT_OF, survey, validate_batch
+from allo_batch.validate import survey, validate_batch
 
 
 def validation_report(config: JobConfig, *, show: int = 5) -> tuple[str, int]:

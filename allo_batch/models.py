@@ -9,6 +9,16 @@ from typing import Any, Final, Literal
 Status = Literal["updated", "skipped", "invalid", "failed", "not_sent"]
 STATUSES: Final[tuple[Status, ...]] = ("updated", "skipped", "invalid", "failed", "not_sent")
 
+# Columns of the working frames that pass between read, validate and plan.
+ROW: Final = "row"
+FIELDS: Final = ("call_id", "template_key", "content")
+KEY_FIELDS: Final = ("call_id", "template_key")
+CODE: Final = "error_code"
+MESSAGE: Final = "message"
+REPEAT_OF: Final = "repeat_of"
+# A row without ``template_key`` addresses the call's only summary; keys use this in its place.
+NO_TEMPLATE: Final = ""
+
 # Local codes (DESIGN §4) beside the API's own.
 DUPLICATE_ROW: Final = "DUPLICATE_ROW"
 TIMEOUT: Final = "TIMEOUT"

@@ -26,10 +26,9 @@ from allo_batch.errors import (
     UsageError,
 )
 from allo_batch.lock import OutputLock
-from allo_batch.models import PlannedRequest, RowResult, RunSummary
+from allo_batch.models import KEY_FIELDS, PlannedRequest, RowResult, RunSummary
 from allo_batch.plan import Planned, attach_done, plan_batch
 from allo_batch.read import (
-    KEY_FIELDS,
     InputFingerprint,
     InputSource,
     iter_batches,

@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from allo_batch.models import (
+    CODE,
     DRY_RUN_MESSAGE,
     LIMIT_MESSAGE_PREFIX,
+    MESSAGE,
+    NO_TEMPLATE,
+    REPEAT_OF,
     PlannedRequest,
     RowResult,
 )
-from allo_batch.record import NO_TEMPLATE
-from allo_batch.validate import CODE, MESSAGE, REPEAT_OF
 
 if TYPE_CHECKING:
     import polars as pl

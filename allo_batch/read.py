@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat
 from allo_batch.errors import InputError
+from allo_batch.models import FIELDS, KEY_FIELDS, ROW
 
 if TYPE_CHECKING:
     import polars as pl
 
-ROW = "row"
-FIELDS = ("call_id", "template_key", "content")
-KEY_FIELDS = ("call_id", "template_key")
 # pyarrow's CSV reader parses blocks of this many bytes (in parallel) and holds a few.
 _CSV_BLOCK = 1 << 20
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from allo_batch.errors import UsageError
-from allo_batch.models import RowResult
+from allo_batch.models import NO_TEMPLATE, RowResult
 
 if TYPE_CHECKING:
     import polars as pl
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 OutputFormat = Literal["parquet", "csv", "ndjson"]
 _FSYNC_EVERY: Final = 1.0
 _CHUNK_ROWS: Final = 10_000
-NO_TEMPLATE: Final = ""
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 

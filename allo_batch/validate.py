@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
-from allo_batch.models import DUPLICATE_ROW
-from allo_batch.read import ROW, InputFingerprint, InputSource, fingerprint, iter_batches
+from allo_batch.models import CODE, DUPLICATE_ROW, MESSAGE, REPEAT_OF, ROW
+from allo_batch.read import InputFingerprint, InputSource, fingerprint, iter_batches
 
 if TYPE_CHECKING:
     import polars as pl
 
-CODE: Final = "error_code"
-MESSAGE: Final = "message"
-REPEAT_OF: Final = "repeat_of"
 _SHOWN_ROWS: Final = 5
 
 
