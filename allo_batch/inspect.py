@@ -6,8 +6,9 @@ from collections import Counter, defaultdict
 
 from allo_batch.config import JobConfig
 from allo_batch.models import CODE, MESSAGE, REPEAT_OF
+from allo_batch.pipeline import survey
 from allo_batch.read import iter_batches, open_input
-from allo_batch.validate import survey, validate_batch
+from allo_batch.validate import validate_batch
 
 
 def validation_report(config: JobConfig, *, show: int = 5) -> tuple[str, int]:

@@ -29,9 +29,11 @@ from allo_batch.lock import OutputLock
 from allo_batch.models import KEY_FIELDS, PlannedRequest, RowResult, RunSummary
 from allo_batch.plan import Planned, attach_done, plan_batch
 from allo_batch.read import (
+    Fingerprinter,
     InputFingerprint,
     InputSource,
     iter_batches,
+    key_batches,
     open_input,
     shaped_batches,
 )
@@ -44,7 +46,13 @@ from allo_batch.record import (
     write_sidecar,
 )
 from allo_batch.report import NullReporter, Reporter, exit_code_for
-from allo_batch.validate import Duplicates, survey, validate_batch
+from allo_batch.validate import (
+    Duplicates,
+    find_duplicates,
+    repeated_hashes,
+    target_hashes,
+    validate_batch,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -121,6 +129,24 @@ def _prepare(config: JobConfig, output: Path) -> _Prepared:
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)
     return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)
+
+
+def survey(
+    source: InputSource, batch_size: int, limit: int | None = None
+) -> tuple[InputFingerprint, Duplicates]:
+    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
+
+    One key-only pass gives the fingerprint and every row's target hash; a second pass, only
+    when some hash repeats, reads the rows involved and compares them on the real strings.
+    """
+    prints = Fingerprinter(source.path)
+    hashes = []
+    for frame in key_batches(source, batch_size):
+        prints.add(frame)
+        hashes.append(target_hashes(frame))
+    candidates = repeated_hashes(hashes)
+    del hashes
+    return prints.result(), find_duplicates(iter_batches(source, batch_size, limit), candidates)
 
 
 def _check_same_input(

@@ -246,41 +246,42 @@ class InputFingerprint:
         return {"path": self.path, "rows": self.rows, "keys_sha256": self.keys_sha256}
 
 
-def fingerprint(
-    source: InputSource, batch_size: int, also: pl.Expr | None = None
-) -> tuple[InputFingerprint, pl.Series | None]:
-    """Count the rows and hash their keys in one streaming pass over two columns.
+class Fingerprinter:
+    """Counts rows and hashes their keys, fed one key-only batch at a time (:func:`key_batches`).
 
-    ``also``, an expression over those columns, is collected in the same pass (the pipeline
-    gathers the 64-bit target hashes of the duplicate check there).
+    Rows end with ``\x1e`` in the digest, so it does not depend on where batches split.
     """
-    import polars as pl
 
-    digest = hashlib.sha256()
-    rows = 0
-    gathered: list[pl.Series] = []
-    if not source.found:
-        return InputFingerprint(str(source.path.resolve()), 0, digest.hexdigest()), None
-    key = pl.concat_str(
-        pl.col("call_id").fill_null("\x00"),
-        pl.col("template_key").fill_null("\x00"),
-        separator="\x1f",
-    )
-    selected = [key.alias("key"), *([also.alias("also")] if also is not None else [])]
-    for frame in shaped_batches(source, batch_size, KEY_FIELDS):
-        if frame.height:
-            rows += frame.height
-            batch = frame.select(selected)
-            # Rows end with \x1e, so the digest does not depend on where batches split.
-            joined = batch.select(pl.col("key").str.join("\x1e")).item()
-            digest.update(joined.encode())
-            digest.update(b"\x1e")
-            if also is not None:
-                gathered.append(batch["also"])
-    identity = InputFingerprint(str(source.path.resolve()), rows, digest.hexdigest())
-    if also is None:
-        return identity, None
-    return identity, pl.concat(gathered, rechunk=False) if gathered else None
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._digest = hashlib.sha256()
+        self.rows = 0
+
+    def add(self, frame: pl.DataFrame) -> None:
+        """Take in one batch of ``call_id, template_key`` rows."""
+        import polars as pl
+
+        if not frame.height:
+            return
+        key = pl.concat_str(
+            pl.col("call_id").fill_null("\x00"),
+            pl.col("template_key").fill_null("\x00"),
+            separator="\x1f",
+        )
+        joined = frame.select(key.str.join("\x1e")).item()
+        self._digest.update(joined.encode())
+        self._digest.update(b"\x1e")
+        self.rows += frame.height
+
+    def result(self) -> InputFingerprint:
+        """The fingerprint of every row added so far."""
+        return InputFingerprint(str(self._path.resolve()), self.rows, self._digest.hexdigest())
+
+
+def key_batches(source: InputSource, batch_size: int) -> Iterator[pl.DataFrame]:
+    """``row, call_id, template_key`` only: the cheap pass that fingerprints and finds repeats."""
+    if source.found:
+        yield from shaped_batches(source, batch_size, KEY_FIELDS)
 
 
 def _scan(path: Path, fmt: InputFormat) -> pl.LazyFrame:

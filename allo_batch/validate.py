@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Final
 
 from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
 from allo_batch.models import CODE, DUPLICATE_ROW, MESSAGE, REPEAT_OF, ROW
-from allo_batch.read import InputFingerprint, InputSource, fingerprint, iter_batches
 
 if TYPE_CHECKING:
     import polars as pl
@@ -131,33 +130,26 @@ def key_hash() -> pl.Expr:
     return pl.struct(pl.col("call_id"), normalized_template()).hash(seed=2).alias("key_hash")
 
 
-def repeated_hashes(hashes: pl.Series) -> pl.Series:
-    """The key hashes that occur more than once.
+def target_hashes(frame: pl.DataFrame) -> pl.Series:
+    """The :func:`key_hash` of every row of a key-only batch."""
+    return frame.select(key_hash())["key_hash"]
+
+
+def repeated_hashes(hashes: pl.Series | list[pl.Series]) -> pl.Series:
+    """The key hashes that occur more than once (given whole, or in chunks).
 
     Sorting and comparing neighbours needs two copies of 8 bytes per row and no hash table,
     which keeps 10M rows inside the memory budget (a group-by took 740 MB there).
     """
+    import polars as pl
+
+    if isinstance(hashes, list):
+        hashes = pl.concat(hashes, rechunk=False) if hashes else pl.Series(dtype=pl.UInt64)
     ordered = hashes.sort()
     if ordered.len() < 2:
         return ordered.clear()
     later = ordered.slice(1)
     return later.filter(later == ordered.slice(0, ordered.len() - 1)).unique()
-
-
-def survey(
-    source: InputSource, batch_size: int, limit: int | None = None
-) -> tuple[InputFingerprint, Duplicates]:
-    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
-
-    One key-only pass gives the fingerprint and every row's target hash; a second pass, only
-    when some hash repeats, reads the rows involved and compares them on the real strings.
-    """
-    import polars as pl
-
-    identity, hashes = fingerprint(source, batch_size, also=key_hash())
-    candidates = repeated_hashes(hashes) if hashes is not None else pl.Series(dtype=pl.UInt64)
-    del hashes
-    return identity, find_duplicates(iter_batches(source, batch_size, limit), candidates)
 
 
 def duplicates_in(frame: pl.DataFrame) -> Duplicates:

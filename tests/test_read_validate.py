@@ -276,8 +276,7 @@ def test_batches_number_rows_across_batches_and_stop_at_the_limit(
 
 
 def test_duplicates_are_found_across_batches_and_files_of_any_size(tmp_path: Path) -> None:
-    from allo_batch.read import fingerprint
-    from allo_batch.validate import find_duplicates, key_hash, repeated_hashes
+    from allo_batch.pipeline import survey
 
     rows = [("cll-1", "a"), ("cll-2", "b"), ("cll-1", "a"), ("cll-3", "c"), ("cll-3", "d")]
     frame = pl.DataFrame(
@@ -289,10 +288,9 @@ def test_duplicates_are_found_across_batches_and_files_of_any_size(tmp_path: Pat
     path = tmp_path / "in.parquet"
     frame.write_parquet(path, row_group_size=2)
     source = open_input(path, "parquet")
-    identity, hashes = fingerprint(source, 2, also=key_hash())
+    identity, duplicates = survey(source, 2)
     assert identity.rows == 35
-    assert hashes is not None
-    found = find_duplicates(iter_batches(source, 2), repeated_hashes(hashes)).frame
+    found = duplicates.frame
     assert found["row"].to_list() == [2, 3, 4]
     assert found["repeat_of"].to_list() == [0, None, None]
     assert found["dup_message"].null_count() == 1
