@@ -1,41 +1,70 @@
 """The Allo API client: the only code that knows paths, the auth header and the error envelope.
 
 Every answer becomes an :class:`Answer`; nothing here raises for an HTTP status. httpx errors are
-translated where they happen into the local codes ``TIMEOUT`` and ``CONNECTION_ERROR``.
+translated where they happen into the local codes ``TIMEOUT`` and ``CONNECTION_ERROR``. Every
+text an Answer carries from outside (exception text, the API's messages) passes :func:`clean_text`
+first, because it ends up in result files and logs.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import httpx
 
 from allo_batch.config import Secret
 from allo_batch.constants import (
     AUTH_SCHEME,
+    BATCH_PATH,
     HEADER_LIMIT,
     HEADER_REMAINING,
     HEADER_RESET,
     HEADER_RETRY_AFTER,
+    ITEM_PATH,
+    MAX_BATCH_IDS,
     ME_PATH,
     SUMMARY_PATH,
 )
 from allo_batch.models import CONNECTION_ERROR, TIMEOUT
 
-AnswerKind = Literal["ok", "refused", "transport"]
+AnswerKind = Literal["ok", "error", "unreadable", "transport"]
+AuthForm = Literal["prefixed", "bare"]
+AuthChoice = Literal["auto", "prefixed", "bare"]
+
+MESSAGE_LIMIT: Final = 300
+REDACTED: Final = "[redacted]"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Answer:
-    """One request's outcome, typed."""
+    """One request's outcome, typed.
+
+    ``kind`` says what came back:
+
+    - ``"ok"``: a 2xx with the expected ``data`` (an object in ``data``; for a batch read, the
+      array's well-formed entries in ``items``).
+    - ``"error"``: an API error envelope (v2 ``{"error": {…}}`` or legacy v1 ``{"code", …}``);
+      ``error_code`` is the API's code.
+    - ``"unreadable"``: neither: a non-JSON page (a gateway's 502, say), JSON without an envelope,
+      or a 2xx without the expected ``data``; ``error_code`` is ``HTTP_<status>``.
+    - ``"transport"``: no HTTP answer at all; ``error_code`` is ``TIMEOUT`` or ``CONNECTION_ERROR``
+      and ``http_status`` is None.
+
+    ``retryable`` says whether sending the same request again can succeed; ``message`` is already
+    cleaned (:func:`clean_text`).
+    """
 
     kind: AnswerKind
     request_id: str
@@ -54,6 +83,7 @@ class Answer:
     received_wall: float = 0.0
     latency: float = 0.0
     data: dict[str, Any] | None = None
+    items: tuple[dict[str, Any], ...] | None = None
 
 
 def new_request_id() -> str:
@@ -105,30 +135,107 @@ async def http_lanes(
 
 
 class AlloClient:
-    """Talks to one Allo base URL with one key."""
+    """Talks to one Allo base URL with one key.
+
+    ``auth`` picks the ``Authorization`` form. The guides say ``Api-Key <key>`` ("prefixed"); the
+    endpoint pages' generated samples send the bare key ("bare"); which one v2 accepts is not
+    documented. ``"auto"`` lets :meth:`me` find out (see there); the others force one form.
+    ``auth_form`` is the form kept, for the run's records: the forced one, or under ``"auto"``
+    None until :meth:`me` has settled it.
+    """
 
     def __init__(
         self,
         http: httpx.AsyncClient | Sequence[httpx.AsyncClient],
         base_url: str,
         api_key: Secret,
+        *,
+        auth: AuthChoice = "auto",
     ) -> None:
         self._lanes = [http] if isinstance(http, httpx.AsyncClient) else list(http)
         self._base = base_url.rstrip("/")
-        self._auth = f"{AUTH_SCHEME} {api_key.reveal()}"
-        self._patch_headers = {"Authorization": self._auth, "Content-Type": "application/json"}
+        self._key = api_key.reveal()
+        self._auth_values: dict[AuthForm, str] = {
+            "prefixed": f"{AUTH_SCHEME} {self._key}",
+            "bare": self._key,
+        }
+        self._auth_form: AuthForm | None = None if auth == "auto" else auth
+        self._send_form(self._auth_form or "prefixed")
+
+    @property
+    def auth_form(self) -> AuthForm | None:
+        """The Authorization form kept: "prefixed" or "bare"; None while unknown."""
+        return self._auth_form
 
     async def me(self) -> Answer:
-        """``GET /v2/api/me``: the key's scopes and rate limits (in ``data``)."""
-        return await self._request("GET", ME_PATH, None, {"Authorization": self._auth})
+        """``GET /v2/api/me``: the key's scopes and rate limits (in ``data``).
+
+        Under ``auth="auto"`` with no form known yet, this is the one place that falls back: the
+        documented ``Api-Key <key>`` first and, only if that answers 401, the bare key once. The
+        form that works is kept for every later request: the prefixed one once it gets an answer
+        that identified the key (2xx or 403), the bare one as soon as it is not refused. If both
+        answer 401 the first 401 is returned; at most two requests, never a loop.
+        """
+        if self._auth_form is not None:
+            return await self._me(self._auth_form)
+        first = await self._me("prefixed")
+        if first.http_status != 401:
+            self._learn_prefixed(first)
+            return first
+        second = await self._me("bare")
+        if second.http_status == 401:
+            return first
+        # The prefix was refused, so the bare key is the only form left: kept even when this
+        # answer (a 5xx, a dropped connection) does not prove it yet.
+        self._auth_form = "bare"
+        self._send_form("bare")
+        return second
 
     async def update_summary(
         self, call_id: str, body: bytes, *, request_id: str | None = None, lane: int = 0
     ) -> Answer:
         """``PATCH …/items/{id}/summary`` with a body serialised once by the planner."""
+        path = SUMMARY_PATH.format(id=path_segment(call_id))
+        return await self._request("PATCH", path, body, self._json_headers, request_id, lane)
+
+    async def get_item(self, call_id: str, *, lane: int = 0) -> Answer:
+        """``GET …/items/{id}``: one conversation item, in ``data``."""
+        path = ITEM_PATH.format(id=path_segment(call_id))
+        return await self._request("GET", path, None, self._read_headers, lane=lane)
+
+    async def read_items(self, ids: Sequence[str], *, lane: int = 0) -> Answer:
+        """``POST …/items/batch`` for 1 to 100 ids; the items that came back are in ``items``.
+
+        The answer reports only what the API returned: items may come in any order, repeat, or
+        leave out ids it does not know; the caller matches them by ``id``. Entries that are not
+        objects with a string ``id`` are dropped. Raises ValueError for no ids or more than 100
+        (a caller's bug, not something to spend a request on).
+        """
+        if isinstance(ids, str):
+            raise TypeError("ids must be a sequence of ids, not one string")
+        if not 1 <= len(ids) <= MAX_BATCH_IDS:
+            raise ValueError(f"a batch read takes 1 to {MAX_BATCH_IDS} ids, got {len(ids)}")
+        body = json.dumps({"ids": list(ids)}).encode()
         return await self._request(
-            "PATCH", SUMMARY_PATH.format(id=call_id), body, self._patch_headers, request_id, lane
+            "POST", BATCH_PATH, body, self._json_headers, lane=lane, many=True
         )
+
+    async def _me(self, form: AuthForm) -> Answer:
+        headers = {"Authorization": self._auth_values[form]}
+        return await self._request("GET", ME_PATH, None, headers)
+
+    def _send_form(self, form: AuthForm) -> None:
+        # Built once per form, not per request: the send path is hot (performance.md).
+        auth = self._auth_values[form]
+        self._read_headers = {"Authorization": auth}
+        self._json_headers = {"Authorization": auth, "Content-Type": "application/json"}
+
+    def _learn_prefixed(self, answer: Answer) -> None:
+        # Only an answer that identified the key proves the form: success, or 403 (a valid key
+        # without the permission). A 5xx or a dropped connection says nothing about it, so the
+        # form stays unknown (and the documented one is sent meanwhile).
+        if answer.kind == "ok" or answer.http_status == 403:
+            self._auth_form = "prefixed"
 
     async def _request(
         self,
@@ -138,6 +245,8 @@ class AlloClient:
         headers: dict[str, str],
         request_id: str | None = None,
         lane: int = 0,
+        *,
+        many: bool = False,
     ) -> Answer:
         request_id = request_id or new_request_id()
         sent_wall = time.time()
@@ -150,10 +259,65 @@ class AlloClient:
                 headers={**headers, "X-Request-Id": request_id},
             )
         except httpx.TimeoutException as exc:
-            return _transport(request_id, TIMEOUT, f"no answer in time ({type(exc).__name__})")
+            message = f"no answer in time ({type(exc).__name__})"
+            return _transport(request_id, TIMEOUT, clean_text(message, self._key))
         except httpx.TransportError as exc:
-            return _transport(request_id, CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
-        return _answer(response, request_id, sent_wall, time.perf_counter() - started)
+            message = f"{type(exc).__name__}: {exc}"
+            return _transport(request_id, CONNECTION_ERROR, clean_text(message, self._key))
+        latency = time.perf_counter() - started
+        return _answer(response, request_id, sent_wall, latency, self._key, many=many)
+
+
+def path_segment(value: str) -> str:
+    """``value`` as exactly one percent-encoded path segment.
+
+    ``quote(safe="")`` encodes ``/ ? # %`` and the rest, but leaves dots alone, and a segment that
+    is only ``.`` or ``..`` is removed by URL normalisation (httpx does it), so those dots are
+    encoded too. Lone surrogates (possible from JSON input) are encoded rather than raising.
+    """
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
+    return quote(value, safe="", errors="surrogatepass")
+
+
+# An Authorization header value as it shows in exception texts and header reprs:
+# ``Authorization: Api-Key x``, ``'authorization': 'x'``, ``authorization=Bearer x``. The scheme
+# is matched possessively and ``[redacted]`` skipped, so a value already redacted stays as it is.
+_AUTH_HEADER = re.compile(
+    r"""(authorization['"]?\s*[:=]\s*['"]?)"""
+    r"""(?:(?:api-key|bearer|basic|token)\s+)?+(?!\[redacted\])[^\s'",;})\]]+""",
+    re.IGNORECASE,
+)
+# A credential after a scheme name, wherever it appears without the header's name.
+_SCHEMED = re.compile(r"""\b((?:api-key|bearer)\s+)(?!\[redacted\])[^\s'",;})\]]+""", re.IGNORECASE)
+
+
+def clean_text(text: str, secret: str | None = None, *, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` made safe for result files and logs: every occurrence of ``secret`` and anything
+    that looks like an Authorization value replaced by ``[redacted]``, control and format
+    characters removed (whitespace ones become a space), at most ``limit`` characters.
+
+    Redaction runs before the cut so that a key straddling the limit cannot leak in part, and
+    the key itself goes first so that a key with a quote or comma in it is not cut in two by the
+    header patterns.
+    """
+    if secret:
+        text = text.replace(secret, REDACTED)
+    text = _AUTH_HEADER.sub(rf"\g<1>{REDACTED}", text)
+    text = _SCHEMED.sub(rf"\g<1>{REDACTED}", text)
+    if not text.isprintable():
+        text = "".join(_printable(char) for char in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _printable(char: str) -> str:
+    """Drop what could forge a log line or break a UTF-8 file: controls, bidi and other format
+    characters, line separators, lone surrogates; whitespace among them becomes a space."""
+    if char.isprintable():
+        return char
+    if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+        return " " if char.isspace() else ""
+    return char
 
 
 def _transport(request_id: str, code: str, message: str) -> Answer:
@@ -169,7 +333,15 @@ def _transport(request_id: str, code: str, message: str) -> Answer:
     )
 
 
-def _answer(response: httpx.Response, request_id: str, sent_wall: float, latency: float) -> Answer:
+def _answer(
+    response: httpx.Response,
+    request_id: str,
+    sent_wall: float,
+    latency: float,
+    secret: str,
+    *,
+    many: bool,
+) -> Answer:
     headers = response.headers
     common: dict[str, Any] = {
         "http_status": response.status_code,
@@ -182,50 +354,99 @@ def _answer(response: httpx.Response, request_id: str, sent_wall: float, latency
         "latency": latency,
     }
     payload = _json(response)
-    status = response.status_code
-    if 200 <= status < 300:
-        data = payload.get("data") if isinstance(payload, dict) else None
-        if not isinstance(data, dict):
-            return Answer(
-                kind="refused",
-                request_id=request_id,
-                error_code=f"HTTP_{status}",
-                retryable=True,
-                message="the API answered success without a readable data object",
-                **common,
-            )
+    if 200 <= response.status_code < 300:
+        return _success(payload, request_id, common, many=many)
+    return _failure(payload, request_id, common, headers.get(HEADER_RETRY_AFTER), secret)
+
+
+def _success(payload: Any, request_id: str, common: dict[str, Any], *, many: bool) -> Answer:
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if many and isinstance(data, list):
+        items = tuple(i for i in data if isinstance(i, dict) and isinstance(i.get("id"), str))
+        return Answer(kind="ok", request_id=request_id, items=items, **common)
+    if not many and isinstance(data, dict):
+        updated_at = data.get("updated_at")
         return Answer(
             kind="ok",
             request_id=request_id,
             version=_int(data.get("version")),
-            updated_at=data.get("updated_at") if isinstance(data.get("updated_at"), str) else None,
+            updated_at=updated_at if isinstance(updated_at, str) else None,
             data=data,
             **common,
         )
+    # A success we cannot read: a proxy's page, say. The PATCH replaces the whole summary, so
+    # sending it again is harmless and may get a readable answer.
+    shape = "array" if many else "object"
+    return Answer(
+        kind="unreadable",
+        request_id=request_id,
+        error_code=f"HTTP_{common['http_status']}",
+        retryable=True,
+        message=f"the API answered success without a readable data {shape}",
+        **common,
+    )
+
+
+def _failure(
+    payload: Any,
+    request_id: str,
+    common: dict[str, Any],
+    retry_after_header: str | None,
+    secret: str,
+) -> Answer:
+    status: int = common["http_status"]
     error = _envelope(payload)
-    transient = status == 429 or status >= 500
-    retry_after = _float(headers.get(HEADER_RETRY_AFTER))
-    if retry_after is None and error is not None:
-        retry_after = _float(error.get("retry_after_seconds"))
+    retry_after = _seconds(retry_after_header)
     if error is None:
+        what = "a non-JSON body" if payload is None else "JSON that is not an error envelope"
         return Answer(
-            kind="refused",
+            kind="unreadable",
             request_id=request_id,
             error_code=f"HTTP_{status}",
-            retryable=transient or status == 408,
-            message=f"HTTP {status} with a non-JSON body",
+            retryable=_transient(status),
+            message=f"HTTP {status} with {what}",
             retry_after=retry_after,
             **common,
         )
+    if retry_after is None:
+        retry_after = _seconds(error.get("retry_after_seconds"))
+    message = _error_message(error)
     return Answer(
-        kind="refused",
-        request_id=str(error.get("request_id") or request_id),
-        error_code=str(error.get("code") or f"HTTP_{status}"),
-        retryable=transient or error.get("retryable") is True,
-        message=str(error.get("message") or "")[:500] or None,
+        kind="error",
+        request_id=clean_text(str(error.get("request_id") or request_id), secret),
+        error_code=clean_text(str(error.get("code") or f"HTTP_{status}"), secret),
+        retryable=_retryable(status, error.get("retryable")),
+        message=clean_text(message, secret) if message else None,
         retry_after=retry_after,
         **common,
     )
+
+
+def _retryable(status: int, flag: Any) -> bool:
+    """The envelope's ``retryable`` when it has one (an explicit false on a 500 included), except
+    that a 429 is always retryable (error-handling guide); without it, 408, 429 and 5xx."""
+    if status == 429:
+        return True
+    if isinstance(flag, bool):
+        return flag
+    return _transient(status)
+
+
+def _transient(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def _error_message(error: dict[str, Any]) -> str:
+    """v2's ``message``, else the legacy v1 ``details[].message`` joined."""
+    message = error.get("message")
+    if message:
+        return str(message)
+    details = error.get("details")
+    if isinstance(details, list):
+        return "; ".join(
+            str(d["message"]) for d in details if isinstance(d, dict) and d.get("message")
+        )
+    return ""
 
 
 def _envelope(payload: Any) -> dict[str, Any] | None:
@@ -256,11 +477,13 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _float(value: Any) -> float | None:
+def _seconds(value: Any) -> float | None:
+    """A wait in seconds; None for anything else (a NaN or negative wait would break sleeping)."""
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _http_date(value: str | None) -> float | None:
