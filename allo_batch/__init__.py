@@ -21,7 +21,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from allo_batch.config import JobConfig, RetryPolicy, SandboxOptions, Secret
+    from allo_batch.config import JobConfig, RetryPolicy, Secret
     from allo_batch.errors import (
         AlloBatchError,
         ApiUnavailableError,
@@ -35,15 +35,32 @@ if TYPE_CHECKING:
         TooManyErrorsError,
         UsageError,
     )
-    from allo_batch.models import RowResult, RunSummary
-    from allo_batch.pipeline import run_job, run_job_async
+    from allo_batch.jobspec import JobPlan, RunRequest, configs_for
+    from allo_batch.models import InputCheck, RowResult, RunSummary
+    from allo_batch.options import RunOptions
+    from allo_batch.pipeline import (
+        JobOutcome,
+        JobsOutcome,
+        check_input,
+        run_job,
+        run_job_async,
+        run_jobs,
+    )
 
 _WHERE = {
     "run_job": "allo_batch.pipeline",
     "run_job_async": "allo_batch.pipeline",
+    "run_jobs": "allo_batch.pipeline",
+    "check_input": "allo_batch.pipeline",
+    "JobOutcome": "allo_batch.pipeline",
+    "JobsOutcome": "allo_batch.pipeline",
+    "RunRequest": "allo_batch.jobspec",
+    "JobPlan": "allo_batch.jobspec",
+    "configs_for": "allo_batch.jobspec",
+    "RunOptions": "allo_batch.options",
+    "InputCheck": "allo_batch.models",
     "JobConfig": "allo_batch.config",
     "RetryPolicy": "allo_batch.config",
-    "SandboxOptions": "allo_batch.config",
     "Secret": "allo_batch.config",
     "RunSummary": "allo_batch.models",
     "RowResult": "allo_batch.models",
@@ -65,21 +82,29 @@ __all__ = [
     "ApiUnavailableError",
     "AuthRefusedError",
     "ExitCode",
+    "InputCheck",
     "InputError",
     "InterruptedRunError",
     "JobConfig",
+    "JobOutcome",
+    "JobPlan",
+    "JobsOutcome",
     "LockedError",
     "OutputConflictError",
     "RetryPolicy",
     "RowResult",
+    "RunOptions",
+    "RunRequest",
     "RunStoppedError",
     "RunSummary",
-    "SandboxOptions",
     "Secret",
     "TooManyErrorsError",
     "UsageError",
+    "check_input",
+    "configs_for",
     "run_job",
     "run_job_async",
+    "run_jobs",
 ]
 
 

@@ -1,19 +1,25 @@
-"""Frozen configuration of a run. The CLI and the Python API both build a :class:`JobConfig`."""
+"""Frozen configuration of a run. The CLI, job specs and the Python API all build a
+:class:`JobConfig`, which checks its values against the one table of options."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 from urllib.parse import urlsplit
 
 from allo_batch.constants import DEFAULT_BASE_URL
 from allo_batch.errors import UsageError
+from allo_batch.options import OPTIONS, AuthForm
+from allo_batch.options import InputFormat as InputFormat
 
-InputFormat = Literal["csv", "parquet", "ndjson"]
+log = logging.getLogger("allo_batch")
 FORMATS: Final[dict[str, InputFormat]] = {
     ".csv": "csv",
     ".parquet": "parquet",
@@ -58,17 +64,11 @@ class RetryPolicy:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     max_rate_limited: int = 30
-    breaker_threshold: int = 25
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SandboxOptions:
-    """``run --sandbox``: an embedded simulator seeded from the input."""
-
-    world_file: Path | None = None
-    write_rate: int = 5
-    faults: str | None = None
-    seed: int = 0
+    #: Seconds the API may stay unreachable (connection refused, timeouts, gateway pages, 5xx
+    #: with no success in between) before the run stops; until then rows wait, not fail.
+    max_outage: float = 300.0
+    #: Longest pause between tries while the API is unreachable (so a restart is seen soon).
+    outage_backoff_max: float = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,12 +88,35 @@ class JobConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_errors: int | None = None
     limit: int | None = None
+    auth: AuthForm = "auto"
     dry_run: bool = False
     force: bool = False
-    sandbox: SandboxOptions | None = None
     batch_size: int = 20_000
     progress: bool = False
     log_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        # The same checks as the command line and job specs: the one table of options.
+        for name, value in (
+            ("format", self.input_format),
+            ("base_url", self.base_url),
+            ("rate", self.rate),
+            ("concurrency", self.concurrency),
+            ("timeout", self.timeout),
+            ("max_attempts", self.retry.max_attempts),
+            ("max_errors", self.max_errors),
+            ("max_outage", self.retry.max_outage),
+            ("limit", self.limit),
+            ("auth", self.auth),
+            ("log_interval", self.log_interval),
+        ):
+            OPTIONS[name].check(value, f"JobConfig {name}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            msg = f"JobConfig batch_size: expected an integer >= 1, not {self.batch_size!r}"
+            raise UsageError(msg)
+        if not 0 <= self.jitter_margin < 1:
+            msg = f"JobConfig jitter_margin: expected 0 <= margin < 1, not {self.jitter_margin!r}"
+            raise UsageError(msg)
 
     @property
     def format(self) -> InputFormat:
@@ -111,8 +134,9 @@ class JobConfig:
 
     @property
     def output_path(self) -> Path:
-        """The result file: explicit, else ``<input stem>.results.parquet`` here."""
-        return self.output or Path(f"{self.input.stem}.results.parquet")
+        """The result file: explicit, else ``<input stem>.results.parquet`` beside the input
+        (never the working directory, so the same command from elsewhere resumes too)."""
+        return self.output or self.input.with_name(f"{self.input.stem}.results.parquet")
 
     def workers(self, rate: float) -> int:
         """Little's law with a 300 ms latency guess and 1.5x headroom, 2..32 (perf rule 5)."""
@@ -122,19 +146,54 @@ class JobConfig:
 
 
 def api_key_from(env: dict[str, str] | None = None, key_file: Path | None = None) -> Secret | None:
-    """The key from ``--api-key-file`` or ``ALLO_API_KEY``; never from the command line."""
+    """The key from ``--api-key-file`` or ``ALLO_API_KEY``; never from the command line.
+
+    A key file holds the key alone on one line; blank lines and surrounding white space
+    (a trailing newline, CRLF) are ignored. Anything else (a comment, a second line, a key with
+    white space or control characters inside) is refused without echoing the file.
+    """
     if key_file is not None:
-        try:
-            text = key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            msg = f"{key_file}: cannot read the API key file ({exc.strerror})"
-            raise UsageError(msg) from exc
-        if not text:
-            msg = f"{key_file}: the API key file is empty"
-            raise UsageError(msg)
-        return Secret(text)
+        return Secret(_key_from_file(key_file))
     value = (env if env is not None else dict(os.environ)).get(API_KEY_ENV, "").strip()
-    return Secret(value) if value else None
+    if not value:
+        return None
+    _check_key(value, API_KEY_ENV)
+    return Secret(value)
+
+
+def _key_from_file(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        msg = f"{path}: cannot read the API key file ({reason})"
+        raise UsageError(msg) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        msg = f"{path}: the API key file is empty"
+        raise UsageError(msg)
+    if len(lines) > 1:
+        msg = (
+            f"{path}: the API key file has {len(lines)} non-blank lines; "
+            "it must hold the key alone on one line (no comments)"
+        )
+        raise UsageError(msg)
+    _check_key(lines[0], str(path))
+    if stat.S_ISREG(mode) and mode & 0o077:
+        log.warning(
+            "%s: the API key file is readable by others (mode %s); chmod 600 it",
+            path,
+            oct(mode & 0o777),
+        )
+    return lines[0]
+
+
+def _check_key(key: str, where: str) -> None:
+    """Refuse a key that could not travel in a header, without ever echoing it."""
+    if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in key):
+        msg = f"{where}: the API key holds white space or control characters; it is refused"
+        raise UsageError(msg)
 
 
 def check_base_url(url: str) -> str:

@@ -13,12 +13,17 @@
     │   └── LockedError              3   another run holds this output
     └── InterruptedRunError          130 SIGINT/SIGTERM; all that landed is recorded
 
-Row failures are never exceptions: they are data in the result file.
+Row failures are never exceptions: they are data in the result file. Any other exception is a
+bug: the command line exits 70 (``ExitCode.INTERNAL``) with one line and a saved traceback.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from allo_batch.models import RunSummary
 
 
 class ExitCode(IntEnum):
@@ -28,6 +33,7 @@ class ExitCode(IntEnum):
     ROWS_NOT_UPDATED = 1
     USAGE = 2
     STOPPED = 3
+    INTERNAL = 70  # sysexits' EX_SOFTWARE: a bug, not a data problem; a rerun resumes
     INTERRUPTED = 130
 
 
@@ -39,6 +45,8 @@ class AlloBatchError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        #: The figures of a run that had started (stops and interruptions), else None.
+        self.summary: RunSummary | None = None
 
 
 class UsageError(AlloBatchError):

@@ -17,67 +17,59 @@ literal braces.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import glob
 import os
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, Secret, api_key_from
+from allo_batch.config import (
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    JobConfig,
+    RetryPolicy,
+    Secret,
+    api_key_from,
+)
+from allo_batch.constants import DEFAULT_BASE_URL
 from allo_batch.errors import UsageError
+from allo_batch.options import OPTIONS, LogFormat, RunOptions
 
 _DATE_PLACEHOLDERS: Final = ("ds", "ds_nodash", "job")
 
 
 @dataclass(frozen=True, slots=True)
 class _Field:
-    """What one top-level key accepts."""
+    """What one spec-only key accepts (run options are checked by the table in ``options``)."""
 
-    kind: str  # "string", "number", "integer", "table"
+    kind: Literal["string", "table"]
     choices: tuple[str, ...] = ()
-    low: float | None = None
-    low_open: bool = False
-    high: float | None = None
     placeholders: tuple[str, ...] = ()
 
     def expected(self) -> str:
         """The expected type in words, for error messages."""
         if self.choices:
             return "one of " + ", ".join(f'"{c}"' for c in self.choices)
-        if self.kind == "table":
-            return "a table of strings"
-        text = {"string": "a string", "number": "a number", "integer": "an integer"}[self.kind]
-        if self.low is not None and self.high is not None:
-            return f"{text} from {self.low:g} to {self.high:g}"
-        if self.low is not None:
-            return f"{text} {'>' if self.low_open else '>='} {self.low:g}"
-        return text
+        return "a table of strings" if self.kind == "table" else "a string"
 
 
-# The keys a spec may hold (what each means: the README, "Scheduling").
-FIELDS: Final[dict[str, _Field]] = {
+# Keys only a spec has (what each means: the README, "Scheduling"); every run option of the
+# table in ``allo_batch.options`` is a key too.
+SPEC_FIELDS: Final[dict[str, _Field]] = {
     "description": _Field("string"),
     "input": _Field("string", placeholders=_DATE_PLACEHOLDERS),  # a file or a glob
     "output": _Field("string", placeholders=(*_DATE_PLACEHOLDERS, "stem")),
-    "format": _Field("string", choices=("csv", "parquet", "ndjson")),
     "columns": _Field("table"),  # field = the file's column
-    "base_url": _Field("string"),
     "api_key_env": _Field("string"),  # the variable that holds the key
     "api_key_file": _Field("string"),  # the file that holds the key
-    "rate": _Field("number", low=0, low_open=True),
-    "concurrency": _Field("integer", low=1, high=256),
-    "timeout": _Field("number", low=0, low_open=True),
-    "max_attempts": _Field("integer", low=1, high=100),
-    "max_errors": _Field("integer", low=1),
-    "limit": _Field("integer", low=0),
-    "log_format": _Field("string", choices=("text", "json")),
-    "log_interval": _Field("number", low=0, low_open=True),
     "if_no_input": _Field("string", choices=("fail", "skip")),  # fail: exit 2; skip: exit 0
 }
+KEYS: Final = (*SPEC_FIELDS, *OPTIONS)
 _SECRET_KEYS: Final = ("api_key", "key", "token", "secret", "password")
 
 
@@ -135,7 +127,14 @@ def load_spec(path: Path) -> JobSpec:
 
 
 def _check(spec: JobSpec, key: str, value: Any) -> None:
-    field = FIELDS.get(key)
+    option = OPTIONS.get(key)
+    if option is not None:
+        if not option.has_kind(value):
+            raise spec.error(key, f"expected {option.expected()}, not {_describe(value)}")
+        if not option.accepts(value):
+            raise spec.error(key, f"expected {option.expected()}, not {value!r}")
+        return
+    field = SPEC_FIELDS.get(key)
     if field is None:
         if key.lower() in _SECRET_KEYS:
             problem = (
@@ -143,17 +142,15 @@ def _check(spec: JobSpec, key: str, value: Any) -> None:
                 'api_key_env = "VARIABLE" or api_key_file = "/path/to/key"'
             )
             raise spec.error(key, problem)
-        close = difflib.get_close_matches(key, FIELDS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(FIELDS)}"
+        close = difflib.get_close_matches(key, KEYS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(KEYS)}"
         raise spec.error(key, f"unknown key{hint}")
     if field.kind == "table":
         _check_columns(spec, key, value)
         return
-    if not _is_kind(value, field.kind):
+    if not isinstance(value, str):
         raise spec.error(key, f"expected {field.expected()}, not {_describe(value)}")
     if field.choices and value not in field.choices:
-        raise spec.error(key, f"expected {field.expected()}, not {value!r}")
-    if field.kind in ("number", "integer") and not _in_range(field, value):
         raise spec.error(key, f"expected {field.expected()}, not {value!r}")
     if field.placeholders:
         _check_placeholders(spec, key, value, field.placeholders)
@@ -170,22 +167,6 @@ def _check_columns(spec: JobSpec, key: str, value: Any) -> None:
             raise spec.error(
                 f"{key}.{ours}", f"expected the file's column name (a string), not {theirs!r}"
             )
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if isinstance(value, bool):  # TOML true/false are never numbers here
-        return False
-    if kind == "string":
-        return isinstance(value, str)
-    if kind == "integer":
-        return isinstance(value, int)
-    return isinstance(value, int | float)
-
-
-def _in_range(field: _Field, value: float) -> bool:
-    if field.low is not None and (value <= field.low if field.low_open else value < field.low):
-        return False
-    return field.high is None or value <= field.high
 
 
 def _describe(value: Any) -> str:
@@ -275,3 +256,117 @@ def spec_api_key(spec: JobSpec, env: Mapping[str, str] | None = None) -> Secret 
 def _beside(spec: JobSpec, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else spec.path.parent / path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRequest:
+    """What a caller asks ``run`` for: one input, or a job spec whose values ``options`` and
+    ``columns`` override. The command line builds one; so can a Python caller or Airflow."""
+
+    input: Path | None = None
+    output: Path | None = None
+    job: Path | None = None
+    ds: date | None = None
+    options: RunOptions = field(default_factory=RunOptions)
+    columns: Mapping[str, str] = field(default_factory=dict)
+    api_key: Secret | None = None  # given directly; wins over every other source
+    api_key_file: Path | None = None
+    dry_run: bool = False
+    force: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """The runs a request makes, in order, and how the caller should report them."""
+
+    configs: list[JobConfig]
+    log_format: LogFormat = "text"
+    job: str | None = None  # the spec's name, for log lines
+    ds: date | None = None
+    nothing_to_do: str | None = None  # why no run starts (``if_no_input = "skip"``)
+
+
+def configs_for(request: RunRequest, *, env: Mapping[str, str] | None = None) -> JobPlan:
+    """The configurations ``request`` runs: one, or with a job spec one per matching file.
+
+    Raises :class:`UsageError` (exit 2) for anything wrong, before any file is read.
+    """
+    environ = os.environ if env is None else env
+    if request.job is None:
+        if request.input is None:
+            msg = "give INPUT, or --job with a job spec"
+            raise UsageError(msg)
+        if request.ds is not None:
+            msg = "--ds only applies with --job"
+            raise UsageError(msg)
+        key = request.api_key or api_key_from(dict(environ), request.api_key_file)
+        config = _config(request, request.options, request.input, request.output, key)
+        return JobPlan([config], log_format=_log_format(request.options))
+    spec = load_spec(request.job)
+    options = request.options.over(spec_options(spec))
+    ds = request.ds or date.today()
+    files = plan_files(spec, ds=ds, input_override=request.input, output_override=request.output)
+    plan = JobPlan([], log_format=_log_format(options), job=spec.name, ds=ds)
+    if not files:
+        pattern = spec.get("input")
+        why = f"{request.job}: no input file matches {pattern!r} for {ds}"
+        if spec.get("if_no_input", "fail") == "skip":
+            return dataclasses.replace(plan, nothing_to_do=f"{why}; nothing to do")
+        raise UsageError(why)
+    key = _spec_key(request, spec, environ)
+    columns = {**spec.get("columns", {}), **request.columns}
+    request = dataclasses.replace(request, columns=columns)
+    plan.configs.extend(_config(request, options, f.input, f.output, key) for f in files)
+    return plan
+
+
+def spec_options(spec: JobSpec) -> RunOptions:
+    """The run options a spec sets (checked when it was loaded)."""
+    return RunOptions(**{name: spec.get(name) for name in OPTIONS if spec.get(name) is not None})
+
+
+def _spec_key(request: RunRequest, spec: JobSpec, env: Mapping[str, str]) -> Secret | None:
+    if request.api_key is not None:
+        return request.api_key
+    if request.dry_run:  # a dry run needs no key
+        return None
+    if request.api_key_file is not None:
+        return api_key_from(key_file=request.api_key_file)
+    return spec_api_key(spec, env)
+
+
+def _log_format(options: RunOptions) -> LogFormat:
+    return "json" if options.log_format == "json" else "text"
+
+
+def _config(
+    request: RunRequest,
+    options: RunOptions,
+    input_path: Path,
+    output: Path | None,
+    key: Secret | None,
+) -> JobConfig:
+    """One run's configuration: given options, else the table's defaults."""
+    max_attempts = options.value("max_attempts")
+    max_outage = options.value("max_outage")
+    assert isinstance(max_attempts, int) and isinstance(max_outage, int | float)
+    return JobConfig(
+        input=input_path,
+        output=output,
+        input_format=options.format,
+        columns=dict(request.columns),
+        base_url=options.base_url or DEFAULT_BASE_URL,
+        api_key=key,
+        rate=options.rate,
+        concurrency=options.concurrency,
+        timeout=float(options.value("timeout") or 0),
+        retry=RetryPolicy(max_attempts=max_attempts, max_outage=float(max_outage)),
+        max_errors=options.max_errors,
+        limit=options.limit,
+        auth=options.auth or "auto",
+        dry_run=request.dry_run,
+        force=request.force,
+        progress=request.progress,
+        log_interval=float(options.value("log_interval") or 0),
+    )

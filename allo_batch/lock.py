@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from allo_batch.errors import LockedError
+from allo_batch.errors import LockedError, UsageError
 
 log = logging.getLogger("allo_batch")
 
@@ -43,7 +43,7 @@ class OutputLock:
     def acquire(self) -> None:
         """Take the lock or raise :class:`LockedError` naming the run that holds it."""
         for _ in range(_ATTEMPTS):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = _open_lock_file(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -123,3 +123,16 @@ def _refusal(output: Path, holder: dict[str, object]) -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file owner-only and never through a symbolic link, whose
+    target would otherwise be truncated."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            msg = f"{path}: is a symbolic link; allo-batch does not write through links"
+        else:
+            msg = f"{path}: cannot open the lock file ({exc.strerror})"
+        raise UsageError(msg) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
+from pathlib import Path
 from typing import Any, Final, Literal
 
 Status = Literal["updated", "skipped", "invalid", "failed", "not_sent"]
@@ -24,9 +25,16 @@ DUPLICATE_ROW: Final = "DUPLICATE_ROW"
 TIMEOUT: Final = "TIMEOUT"
 CONNECTION_ERROR: Final = "CONNECTION_ERROR"
 
-# Messages of rows left unsent by design; `report` recognises them by these prefixes.
-DRY_RUN_MESSAGE: Final = "dry run: would be sent"
-LIMIT_MESSAGE_PREFIX: Final = "beyond --limit"
+Reason = Literal[
+    "dry_run",  # not_sent: a dry run sends nothing
+    "limit",  # not_sent: beyond --limit
+    "stopped",  # not_sent: the run stopped before sending it
+    "in_flight",  # not_sent: cut off in flight by a stop; may have landed, resent next time
+    "landed_earlier",  # skipped: an earlier run of this output landed this content
+    "repeat",  # skipped: the same target and content as an earlier row of this input
+]
+#: Reasons of rows left unsent on purpose: they do not make the exit code non-zero.
+DEFERRED_REASONS: Final[tuple[Reason, ...]] = ("dry_run", "limit")
 
 RESULT_COLUMNS: Final = (
     "row",
@@ -42,6 +50,7 @@ RESULT_COLUMNS: Final = (
     "request_id",
     "content_sha256",
     "message",
+    "reason",
 )
 _columns = attrgetter(*RESULT_COLUMNS)
 
@@ -74,6 +83,12 @@ class RowResult:
     attempts: int = 0
     request_id: str | None = None
     message: str | None = None
+    reason: Reason | None = None
+
+    @property
+    def deferred(self) -> bool:
+        """Left unsent on purpose (dry run, ``--limit``): not a reason for exit code 1."""
+        return self.reason in DEFERRED_REASONS
 
     def as_dict(self) -> dict[str, Any]:
         """The result-file columns, in order."""
@@ -103,7 +118,20 @@ class RunSummary:
     stopped_reason: str | None = None
     output: str | None = None
     dry_run: bool = False
+    auth_form: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary."""
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class InputCheck:
+    """What ``allo-batch validate`` found: counts, and a few examples per error code."""
+
+    path: Path
+    rows: int = 0
+    invalid: int = 0
+    repeats: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[tuple[int, str]]] = field(default_factory=dict)

@@ -1,32 +1,46 @@
-"""The one module that knows every stage: read → validate → plan → send → record → report."""
+"""The one module that composes the stages: read → validate → plan → send → record → report.
+
+Every other stage module depends on ``models`` (and its own outside library) only; this one
+wires them for a run (:func:`run_job`) and for a local check (:func:`check_input`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import statistics
 import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
-from allo_batch.config import JobConfig, Secret, check_base_url
+from allo_batch.config import JobConfig, check_base_url
+from allo_batch.constants import DEFAULT_WRITE_PER_SECOND, WRITE_SCOPE
 from allo_batch.errors import (
     AlloBatchError,
     AuthRefusedError,
+    ExitCode,
     InterruptedRunError,
     OutputConflictError,
     UsageError,
 )
 from allo_batch.lock import OutputLock
-from allo_batch.models import KEY_FIELDS, PlannedRequest, RowResult, RunSummary
+from allo_batch.models import (
+    CODE,
+    MESSAGE,
+    REPEAT_OF,
+    InputCheck,
+    PlannedRequest,
+    RowResult,
+    RunSummary,
+)
 from allo_batch.plan import Planned, attach_done, plan_batch
 from allo_batch.read import (
     Fingerprinter,
@@ -35,16 +49,8 @@ from allo_batch.read import (
     iter_batches,
     key_batches,
     open_input,
-    shaped_batches,
 )
-from allo_batch.record import (
-    Journal,
-    OrderedResults,
-    journal_path,
-    load_earlier,
-    output_format,
-    write_sidecar,
-)
+from allo_batch.record import Recorder, load_earlier, output_format
 from allo_batch.report import NullReporter, Reporter, exit_code_for
 from allo_batch.validate import (
     Duplicates,
@@ -57,13 +63,12 @@ from allo_batch.validate import (
 if TYPE_CHECKING:
     import polars as pl
 
+    from allo_batch.client import AlloClient
     from allo_batch.send import Sender
 
 log = logging.getLogger("allo_batch")
 
-_GRACE_SECONDS = 5.0
 _TICK_SECONDS = 0.5
-_FALLBACK_RATE = 5.0
 
 
 @dataclass(slots=True)
@@ -82,6 +87,62 @@ class _Prepared:
         for batch in iter_batches(self.source, config.batch_size):
             checked = attach_done(validate_batch(batch, self.duplicates), self.done)
             yield list(plan_batch(checked, dry_run=config.dry_run, limit=config.limit))
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How one run of a job ended: its summary, or the error that stopped it (whose
+    ``summary`` holds the figures when the run had started)."""
+
+    config: JobConfig
+    summary: RunSummary | None
+    error: AlloBatchError | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """The run's exit code."""
+        if self.error is not None:
+            return int(self.error.exit_code)
+        return self.summary.exit_code if self.summary is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobsOutcome:
+    """How a job of several runs ended; its exit code is the highest of theirs."""
+
+    outcomes: list[JobOutcome]
+    not_started: list[JobConfig]  # left for the rerun after a stop
+
+    @property
+    def exit_code(self) -> int:
+        """The highest exit code of the runs (0 when none ran)."""
+        return max((o.exit_code for o in self.outcomes), default=0)
+
+
+def run_jobs(
+    configs: Sequence[JobConfig],
+    *,
+    reporter_for: Callable[[JobConfig], Reporter] | None = None,
+    on_outcome: Callable[[JobOutcome], None] | None = None,
+) -> JobsOutcome:
+    """Run each configuration in turn, as ``allo-batch run --job`` does.
+
+    A stop (exit 3 or more: key refused, API down, interrupted) would stop the next run too,
+    so the later ones are not started; a rerun picks them up.
+    """
+    outcomes: list[JobOutcome] = []
+    for index, config in enumerate(configs):
+        reporter = reporter_for(config) if reporter_for is not None else None
+        try:
+            outcome = JobOutcome(config, run_job(config, reporter=reporter))
+        except AlloBatchError as error:
+            outcome = JobOutcome(config, error.summary, error)
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if outcome.exit_code >= ExitCode.STOPPED:
+            return JobsOutcome(outcomes, list(configs[index + 1 :]))
+    return JobsOutcome(outcomes, [])
 
 
 def run_job(
@@ -103,32 +164,38 @@ async def run_job_async(
     """The async form of :func:`run_job`."""
     output = config.output_path
     output_format(output)
-    if not config.dry_run and config.sandbox is None:
+    _check_not_the_input(config)
+    _make_folder(output.parent)
+    if not config.dry_run:
         check_base_url(config.base_url)
         if config.api_key is None:
-            msg = "no API key: set ALLO_API_KEY or pass --api-key-file (or use --sandbox)"
+            msg = "no API key: set ALLO_API_KEY or pass --api-key-file"
             raise UsageError(msg)
     with OutputLock(output):
         prepared = await anyio.to_thread.run_sync(_prepare, config, output)
         reporter = reporter or NullReporter()
         reporter.start(prepared.total)
-        if config.dry_run:
-            return await _execute(config, prepared, reporter, None, None, transport)
-        if config.sandbox is not None:
-            async with _embedded_sandbox(config, prepared.source) as (base_url, key):
-                return await _execute(config, prepared, reporter, base_url, key, transport)
-        return await _execute(
-            config, prepared, reporter, config.base_url, config.api_key, transport
-        )
+        return await _execute(config, prepared, reporter, transport)
 
 
-def _prepare(config: JobConfig, output: Path) -> _Prepared:
+def _check_not_the_input(config: JobConfig) -> None:
+    output = config.output_path
+    same = output.resolve() == config.input.resolve()
+    if same or (output.exists() and config.input.exists() and output.samefile(config.input)):
+        msg = f"--output {output} is the input file itself; name another result file"
+        raise UsageError(msg)
 
-    source = open_input(config.input, config.format, config.columns)
-    identity, duplicates = survey(source, config.batch_size, config.limit)
-    earlier = load_earlier(output)
-    _check_same_input(output, identity, earlier.inputs, force=config.force)
-    return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)
+
+def _make_folder(folder: Path) -> None:
+    """Create the output's folder, as a job spec's runs always did."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"{folder}: cannot make the output folder ({exc.strerror})"
+        raise UsageError(msg) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        msg = f"{folder}: the output folder is not writable"
+        raise UsageError(msg)
 
 
 def survey(
@@ -147,6 +214,14 @@ def survey(
     candidates = repeated_hashes(hashes)
     del hashes
     return prints.result(), find_duplicates(iter_batches(source, batch_size, limit), candidates)
+
+
+def _prepare(config: JobConfig, output: Path) -> _Prepared:
+    source = open_input(config.input, config.format, config.columns)
+    identity, duplicates = survey(source, config.batch_size, config.limit)
+    earlier = load_earlier(output)
+    _check_same_input(output, identity, earlier.inputs, force=config.force)
+    return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)
 
 
 def _check_same_input(
@@ -171,146 +246,125 @@ def _check_same_input(
         raise OutputConflictError(msg)
 
 
-async def _execute(
-    config: JobConfig,
-    prepared: _Prepared,
-    reporter: Reporter,
-    base_url: str | None,
-    api_key: Secret | None,
-    transport: Any,
-) -> RunSummary:
-    started = time.monotonic()
-    output = config.output_path
-    counts: Counter[str] = Counter()
-    codes: Counter[str] = Counter()
-    deferred = Counter[str]()  # not_sent by design (dry run, --limit), not by a failure
-    writer = OrderedResults(output)
-    journal = None if config.dry_run else Journal(journal_path(output))
-    if journal is not None:
-        journal.start(prepared.identity.as_dict())
-
-    def emit(result: RowResult, *, planned: bool = False) -> None:
-        if planned and result.status == "not_sent":
-            deferred["rows"] += 1
-        counts[result.status] += 1
-        if result.error_code:
-            codes[result.error_code] += 1
-        if journal is not None and result.status in ("updated", "failed"):
-            journal.result(result)
-        writer.add(result)
+@dataclass(slots=True)
+class _Sending:
+    """What the send phase leaves for the summary."""
 
     sender: Sender | None = None
     rate: float | None = None
+    auth_form: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _execute(
+    config: JobConfig, prepared: _Prepared, reporter: Reporter, transport: Any
+) -> RunSummary:
+    started = time.monotonic()
+    recorder = Recorder(
+        config.output_path, prepared.identity.as_dict(), journaled=not config.dry_run
+    )
+    sending = _Sending()
     try:
-        if config.dry_run or base_url is None or api_key is None:
-            await _produce(prepared.planned_batches(config), emit, None, None)
+        if config.dry_run:
+            await _produce(prepared.planned_batches(config), recorder, None, None)
         else:
-            assert journal is not None
-            sender, rate = await _send_all(
-                config, prepared, emit, journal, (base_url, api_key), transport, reporter, counts
-            )
+            await _send_all(config, prepared, recorder, reporter, transport, sending)
     except BaseException:
-        writer.abandon()
-        if journal is not None:
-            journal.close()
+        recorder.abandon()
         raise
     finally:
         reporter.close()
-    writer.finish()
-    summary = _summarize(config, prepared, counts, codes, deferred["rows"], sender, rate, started)
-    write_sidecar(output, {"input": prepared.identity.as_dict(), "summary": summary.as_dict()})
-    if journal is not None:
-        journal.close()
-        # The result file and its sidecar now hold everything the journal had.
-        journal_path(output).unlink(missing_ok=True)
-    if sender is not None and sender.stop_error is not None:
-        error = sender.stop_error
-        error.summary = summary  # type: ignore[attr-defined]
-        raise error
+    summary = _summarize(config, prepared, recorder, sending, started)
+    recorder.close(summary)
+    stop = sending.sender.stop_error if sending.sender is not None else None
+    if stop is not None:
+        stop.summary = summary
+        raise stop
     return summary
 
 
 async def _send_all(
     config: JobConfig,
     prepared: _Prepared,
-    emit: Callable[[RowResult], None],
-    journal: Journal,
-    target: tuple[str, Secret],
-    transport: Any,
+    recorder: Recorder,
     reporter: Reporter,
-    counts: Counter[str],
-) -> tuple[Sender, float]:
+    transport: Any,
+    sending: _Sending,
+) -> None:
     from allo_batch.client import AlloClient, http_lanes, make_http_client
     from allo_batch.ratelimit import Pacer, WindowWatch
     from allo_batch.send import Sender
 
+    assert config.api_key is not None  # checked before the lock was taken
     # The worker count (one client each) comes from the rate, which /me tells: ask it first.
     async with make_http_client(timeout=config.timeout, transport=transport) as http:
-        rate, refusal = await _preflight(AlloClient(http, *target), config)
+        probe = AlloClient(http, config.base_url, config.api_key, auth=config.auth)
+        rate, refusal = await _preflight(probe, config)
+        sending.auth_form = probe.auth_form
+    sending.rate = rate
     workers = config.workers(rate)
     async with http_lanes(workers=workers, timeout=config.timeout, transport=transport) as lanes:
-        client = AlloClient(lanes, *target)
+        auth = probe.auth_form or config.auth
+        client = AlloClient(lanes, config.base_url, config.api_key, auth=auth)
         pacer = Pacer(rate / (1.0 + config.jitter_margin))
         sender = Sender(
             client,
             pacer,
-            WindowWatch(pacer),
+            recorder,
             policy=config.retry,
-            journal=journal,
-            emit=emit,
             max_errors=config.max_errors,
-            clock=time.monotonic,
+            watch=WindowWatch(pacer),
         )
+        sending.sender = sender
         if refusal is not None:
             sender.stop(refusal, grace=0)
         send, receive = anyio.create_memory_object_stream[PlannedRequest](workers * 4)
         async with anyio.create_task_group() as outer:
-            outer.start_soon(_enforce_grace, sender)
-            outer.start_soon(_tick, reporter, counts, sender, journal)
+            outer.start_soon(sender.enforce_grace)
+            outer.start_soon(_tick, reporter, recorder, sender)
             if threading.current_thread() is threading.main_thread():
                 outer.start_soon(_watch_signals, sender)
             async with anyio.create_task_group() as inner:
                 inner.start_soon(sender.run, receive, workers)
                 async with send:
-                    await _produce(prepared.planned_batches(config), emit, send, sender)
+                    await _produce(prepared.planned_batches(config), recorder, send, sender)
             outer.cancel_scope.cancel()
-        _tick_once(reporter, counts, sender)
-    return sender, rate
+        _tick_once(reporter, recorder, sender)
 
 
-async def _preflight(client: Any, config: JobConfig) -> tuple[float, AlloBatchError | None]:
+async def _preflight(client: AlloClient, config: JobConfig) -> tuple[float, AlloBatchError | None]:
     """Ask ``/me`` for the key's write limit and scopes before sending anything."""
-    from allo_batch.constants import WRITE_SCOPE
-
     answer = await client.me()
+    fallback = config.rate or float(DEFAULT_WRITE_PER_SECOND)
     if answer.http_status in (401, 403):
-        return config.rate or _FALLBACK_RATE, AuthRefusedError(
+        return fallback, AuthRefusedError(
             f"the API refused the key: {answer.error_code} (HTTP {answer.http_status})"
         )
     data = answer.data if answer.kind == "ok" else None
     if data is None:
-        return config.rate or _FALLBACK_RATE, None
+        return fallback, None
     scopes = data.get("scopes")
     if isinstance(scopes, list) and WRITE_SCOPE not in scopes:
-        return config.rate or _FALLBACK_RATE, AuthRefusedError(
+        return fallback, AuthRefusedError(
             f"the key lacks the {WRITE_SCOPE} scope (it has: {', '.join(map(str, scopes))})"
         )
     limits = data.get("rate_limits")
     limit = limits.get("write_per_second") if isinstance(limits, dict) else None
     if config.rate:
         return config.rate, None
-    if isinstance(limit, int | float) and limit > 0:
+    if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
         return float(limit), None
-    return _FALLBACK_RATE, None
+    return fallback, None
 
 
 async def _produce(
     batches: Iterator[list[Planned]],
-    emit: Callable[..., None],
-    send: Any,
+    recorder: Recorder,
+    send: MemoryObjectSendStream[PlannedRequest] | None,
     sender: Sender | None,
 ) -> None:
-    """Walk the planned batches in order; results go to ``emit``, requests to the workers."""
+    """Walk the planned batches in order; settled rows go to the recorder, requests to the
+    workers (or, once the run stops, to the recorder as not sent)."""
     from allo_batch.send import not_sent
 
     while True:
@@ -319,20 +373,15 @@ async def _produce(
             return
         for item in items:
             if isinstance(item, RowResult):
-                emit(item, planned=True)
-            elif sender is None or sender.stopping:
-                emit(not_sent(item, sender))
+                recorder.planned(item)
+            elif send is None or sender is None or sender.stopping:
+                message = sender.stop_message() if sender is not None else "not sent"
+                recorder.planned(not_sent(item, message))
             else:
                 try:
                     send.send_nowait(item)
                 except anyio.WouldBlock:
                     await send.send(item)
-
-
-async def _enforce_grace(sender: Sender) -> None:
-    await sender.wait_stopping()
-    await anyio.sleep(_GRACE_SECONDS)
-    sender.cancel_in_flight()
 
 
 async def _watch_signals(sender: Sender) -> None:
@@ -347,78 +396,49 @@ async def _watch_signals(sender: Sender) -> None:
                 if sender.stopping:
                     sender.cancel_in_flight()
                 else:
-                    sender.stop(InterruptedRunError(f"interrupted by {name}"), grace=_GRACE_SECONDS)
+                    sender.stop(InterruptedRunError(f"interrupted by {name}"))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-async def _tick(reporter: Reporter, counts: Counter[str], sender: Sender, journal: Journal) -> None:
+async def _tick(reporter: Reporter, recorder: Recorder, sender: Sender) -> None:
     """Progress, and the journal's fsync even when no answer arrives for a while."""
     while True:
         await anyio.sleep(_TICK_SECONDS)
-        _tick_once(reporter, counts, sender)
-        journal.sync()
+        _tick_once(reporter, recorder, sender)
+        recorder.sync()
 
 
-def _tick_once(reporter: Reporter, counts: Counter[str], sender: Sender) -> None:
-    reporter.update(sum(counts.values()), counts, sender.stats.achieved_rate())
-
-
-@asynccontextmanager
-async def _embedded_sandbox(
-    config: JobConfig, source: InputSource
-) -> AsyncIterator[tuple[str, Secret]]:
-    """``run --sandbox``: a simulator on a free loopback port, seeded from the input."""
-    try:
-        import uvicorn  # noqa: F401
-
-        from allo_batch import sandbox as sb
-    except ImportError as exc:
-        msg = "--sandbox needs the sandbox extra: pip install 'allo-batch[sandbox]'"
-        raise UsageError(msg) from exc
-    options = config.sandbox
-    assert options is not None
-    pairs = None
-    if options.world_file is None and source.found:
-        batches = await anyio.to_thread.run_sync(
-            lambda: list(shaped_batches(source, config.batch_size, KEY_FIELDS))
-        )
-        pairs = [(c, t) for batch in batches for _, c, t in batch.iter_rows() if c is not None]
-    try:
-        world = sb.build_world(
-            world_file=options.world_file,
-            seed_pairs=pairs,
-            api_key=sb.DEFAULT_SANDBOX_KEY,
-            write_rate=options.write_rate,
-        )
-    except sb.WorldError as exc:
-        raise UsageError(str(exc)) from exc
-    async with sb.serve_sandbox(world, faults=options.faults, seed=options.seed) as running:
-        yield running.base_url, Secret(running.api_key)
+def _tick_once(reporter: Reporter, recorder: Recorder, sender: Sender) -> None:
+    reporter.update(
+        recorder.rows,
+        recorder.counts,
+        sender.stats.achieved_rate(),
+        unreachable_for=sender.unreachable_for(),
+    )
 
 
 def _summarize(
     config: JobConfig,
     prepared: _Prepared,
-    counts: Counter[str],
-    codes: Counter[str],
-    deferred: int,
-    sender: Sender | None,
-    rate: float | None,
+    recorder: Recorder,
+    sending: _Sending,
     started: float,
 ) -> RunSummary:
+    sender = sending.sender
     stopped = sender.stop_error if sender is not None else None
     summary = RunSummary(
-        rows=sum(counts.values()),
-        by_status=dict(counts),
-        by_error_code=dict(codes),
-        rate_limit=rate,
+        rows=recorder.rows,
+        by_status=dict(recorder.counts),
+        by_error_code=dict(recorder.codes),
+        rate_limit=sending.rate,
         elapsed_seconds=round(time.monotonic() - started, 3),
         stopped_reason=stopped.message if stopped else None,
         output=str(config.output_path),
         dry_run=config.dry_run,
         in_doubt_resent=prepared.in_doubt if sender is not None else 0,
+        auth_form=sending.auth_form,
     )
     if sender is not None:
         stats = sender.stats
@@ -433,5 +453,24 @@ def _summarize(
     if stopped is not None:
         summary.exit_code = int(stopped.exit_code)
     else:
-        summary.exit_code = exit_code_for(summary.by_status, deferred=deferred)
+        summary.exit_code = exit_code_for(summary.by_status, deferred=recorder.deferred)
     return summary
+
+
+def check_input(config: JobConfig, *, show: int = 5) -> InputCheck:
+    """Read and validate ``config.input`` as a run would, sending nothing."""
+    source = open_input(config.input, config.format, config.columns)
+    found = InputCheck(config.input)
+    _identity, duplicates = survey(source, config.batch_size)
+    for batch in iter_batches(source, config.batch_size):
+        checked = validate_batch(batch, duplicates)
+        found.rows += checked.height
+        found.repeats += int(checked[REPEAT_OF].is_not_null().sum())
+        invalid = checked.filter(checked[CODE].is_not_null()).select("row", CODE, MESSAGE)
+        for row, code, message in invalid.iter_rows():
+            found.codes[code] = found.codes.get(code, 0) + 1
+            shown = found.examples.setdefault(code, [])
+            if len(shown) < show:
+                shown.append((row, message))
+    found.invalid = sum(found.codes.values())
+    return found

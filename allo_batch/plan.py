@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 
 from allo_batch.models import (
     CODE,
-    DRY_RUN_MESSAGE,
-    LIMIT_MESSAGE_PREFIX,
     MESSAGE,
     NO_TEMPLATE,
     REPEAT_OF,
@@ -101,19 +99,9 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
         "done_request_id",
     ).iter_rows():
         common = {"row": row, "call_id": call_id, "template_key": template_key}
-        if limit is not None and row >= limit:
-            yield RowResult(
-                **common,
-                status="not_sent",
-                content_sha256=sha,
-                retryable=True,
-                message=f"{LIMIT_MESSAGE_PREFIX} {limit}",
-            )
-        elif code is not None:
-            yield RowResult(
-                **common, status="invalid", content_sha256=sha, error_code=code, message=message
-            )
-        elif done_version is not None:
+        # What landed earlier comes first: no later run (a --limit canary, a dry run) may
+        # turn a landed row back into one that would be sent again.
+        if done_version is not None and code is None:
             yield RowResult(
                 **common,
                 status="skipped",
@@ -122,6 +110,20 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
                 updated_at=done_at,
                 request_id=done_rid,
                 message="already updated with this content by an earlier run",
+                reason="landed_earlier",
+            )
+        elif limit is not None and row >= limit:
+            yield RowResult(
+                **common,
+                status="not_sent",
+                content_sha256=sha,
+                retryable=True,
+                message=f"beyond --limit {limit}",
+                reason="limit",
+            )
+        elif code is not None:
+            yield RowResult(
+                **common, status="invalid", content_sha256=sha, error_code=code, message=message
             )
         elif repeat_of is not None:
             yield RowResult(
@@ -129,6 +131,7 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
                 status="skipped",
                 content_sha256=sha,
                 message=f"same call, template and content as row {repeat_of}",
+                reason="repeat",
             )
         elif dry_run:
             yield RowResult(
@@ -136,7 +139,8 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
                 status="not_sent",
                 content_sha256=sha,
                 retryable=True,
-                message=DRY_RUN_MESSAGE,
+                message="dry run: would be sent",
+                reason="dry_run",
             )
         else:
             yield PlannedRequest(

@@ -1,5 +1,8 @@
 """Recording outcomes: the journal (crash-safe, as they arrive) and the result file (at the end).
 
+:class:`Recorder` is their one owner during a run: the planner and the sender report each row to
+it, and it keeps the journal, the ordered result file, the counters and the sidecar in step.
+
 - The **journal** (``<output>.journal``) is append-only NDJSON, one ``os.write`` per line, so
   everything written survives ``kill -9`` (the OS holds it); it is fsynced about once a second
   against machine loss. A ``sent`` line precedes every request; a ``result`` line follows every
@@ -17,12 +20,13 @@ import contextlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from allo_batch.errors import UsageError
-from allo_batch.models import NO_TEMPLATE, RowResult
+from allo_batch.models import NO_TEMPLATE, PlannedRequest, RowResult, RunSummary
 
 if TYPE_CHECKING:
     import polars as pl
@@ -69,12 +73,21 @@ def result_schema() -> dict[str, Any]:
         "request_id": pl.String,
         "content_sha256": pl.String,
         "message": pl.String,
+        "reason": pl.String,
     }
 
 
-def _open_private(path: Path, flags: int) -> int:
-    """Open with owner-only permissions (the files name calls of customers)."""
-    fd = os.open(path, flags, 0o600)
+def open_private(path: Path, flags: int) -> int:
+    """Open with owner-only permissions (the files name calls of customers), never through a
+    symbolic link: a planted ``<output>.journal`` link must not get its target appended to."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            msg = f"{path}: is a symbolic link; allo-batch does not write through links"
+            raise UsageError(msg) from None
+        msg = f"{path}: cannot open ({exc.strerror})"
+        raise UsageError(msg) from None
     os.fchmod(fd, 0o600)
     return fd
 
@@ -84,7 +97,7 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self._last_sync = time.monotonic()
         self._dirty = False
         # A torn line left by a killed run must not glue itself to the next one.
@@ -272,19 +285,46 @@ def read_sidecar(output: Path) -> dict[str, Any]:
 
 
 def read_results(path: Path) -> pl.DataFrame:
-    """Read a result file of any supported format with the result schema."""
+    """Read a result file of any supported format with the result schema.
+
+    Columns that an older allo-batch did not write yet (``reason``) come back null, so an upgrade
+    in the middle of a job loses nothing; an empty file is an empty result.
+    """
     import polars as pl
 
     fmt = output_format(path)
+    schema = result_schema()
     try:
+        if path.stat().st_size == 0:
+            return pl.DataFrame(schema=schema)
         if fmt == "parquet":
-            return pl.read_parquet(path)
-        if fmt == "csv":
-            return pl.read_csv(path, schema=result_schema())
-        return pl.read_ndjson(path, schema=result_schema())
+            frame = pl.read_parquet(path)
+        elif fmt == "csv":
+            frame = pl.read_csv(path, infer_schema=False, raise_if_empty=False)
+        else:
+            frame = pl.read_ndjson(path, infer_schema_length=None)
+        return _conform(frame, schema)
     except (OSError, pl.exceptions.PolarsError) as exc:
-        msg = f"{path}: cannot read the earlier result file: {exc}"
+        msg = f"{path}: cannot read the earlier result file: {str(exc).splitlines()[0][:200]}"
         raise UsageError(msg) from exc
+
+
+def _conform(frame: pl.DataFrame, schema: dict[str, Any]) -> pl.DataFrame:
+    """The result schema's columns, in order, from whatever types the file gave."""
+    import polars as pl
+
+    if "status" not in frame.columns:
+        msg = f"not a result file (columns: {', '.join(frame.columns[:10])})"
+        raise pl.exceptions.ComputeError(msg)
+
+    def column(name: str, dtype: Any) -> pl.Expr:
+        if name not in frame.columns:
+            return pl.lit(None, dtype).alias(name)
+        if dtype == pl.Boolean and frame.schema[name] == pl.String:
+            return (pl.col(name).str.to_lowercase() == "true").alias(name)
+        return pl.col(name).cast(dtype).alias(name)
+
+    return frame.select(column(name, dtype) for name, dtype in schema.items())
 
 
 class OrderedResults:
@@ -304,7 +344,7 @@ class OrderedResults:
         if self.format == "parquet":
             self._parts.mkdir(mode=0o700)
         else:
-            os.close(_open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+            os.close(open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         self._waiting: dict[int, RowResult] = {}
         self._next = 0
         self._chunk: list[tuple[Any, ...]] = []
@@ -323,7 +363,7 @@ class OrderedResults:
     def _flush(self) -> None:
         import polars as pl
 
-        if not self._chunk and (self.written or self.format != "parquet"):
+        if not self._chunk and (self.written or self.format == "ndjson"):
             return
         frame = pl.DataFrame(self._chunk, schema=result_schema(), orient="row")
         if self.format == "parquet":
@@ -377,9 +417,87 @@ def write_sidecar(output: Path, facts: dict[str, Any]) -> None:
     """Write the sidecar atomically, owner-only."""
     path = sidecar_path(output)
     temp = path.with_name(f".{path.name}.tmp")
-    fd = _open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         os.write(fd, json.dumps(facts, indent=2, sort_keys=True).encode() + b"\n")
     finally:
         os.close(fd)
     os.replace(temp, path)
+
+
+class Recorder:
+    """The one owner of what a run records: the journal, the ordered result file, the counters
+    and the sidecar. The planner reports rows it settles (:meth:`planned`); the sender reports
+    through the narrow :class:`~allo_batch.send.Outcomes` interface (:meth:`sending`,
+    :meth:`finished`)."""
+
+    def __init__(self, output: Path, input_facts: dict[str, object], *, journaled: bool) -> None:
+        self.output = output
+        self.counts: Counter[str] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.deferred = 0
+        self._input_facts = input_facts
+        self._results = OrderedResults(output)
+        self._journal = Journal(journal_path(output)) if journaled else None
+        if self._journal is not None:
+            self._journal.start(input_facts)
+
+    @property
+    def rows(self) -> int:
+        """Rows accounted for so far."""
+        return sum(self.counts.values())
+
+    def planned(self, result: RowResult) -> None:
+        """A row settled before sending (invalid, skipped, deferred): nothing to journal, since
+        a rerun plans it again the same way."""
+        self._count(result)
+        self._results.add(result)
+
+    def sending(self, request: PlannedRequest, request_id: str) -> None:
+        """Journal a request before it goes out."""
+        if self._journal is not None:
+            self._journal.sent(
+                request.row,
+                request.call_id,
+                request.template_key,
+                request.content_sha256,
+                request_id,
+            )
+
+    def finished(self, result: RowResult) -> None:
+        """A sent row's outcome: journaled as it arrives when it says something lasting."""
+        self._count(result)
+        if self._journal is not None and result.status in ("updated", "failed"):
+            self._journal.result(result)
+        self._results.add(result)
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether journal lines were written since the last fsync."""
+        return self._journal is not None and self._journal.unsynced
+
+    def sync(self) -> None:
+        """Push the journal to disk (the progress tick calls this)."""
+        if self._journal is not None:
+            self._journal.sync()
+
+    def close(self, summary: RunSummary) -> None:
+        """Write the result file and the sidecar; the journal is then redundant and removed."""
+        self._results.finish()
+        write_sidecar(self.output, {"input": self._input_facts, "summary": summary.as_dict()})
+        if self._journal is not None:
+            self._journal.close()
+            journal_path(self.output).unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """A run that failed to finish: drop the partial result file, keep the journal."""
+        self._results.abandon()
+        if self._journal is not None:
+            self._journal.close()
+
+    def _count(self, result: RowResult) -> None:
+        self.counts[result.status] += 1
+        if result.deferred:
+            self.deferred += 1
+        if result.error_code:
+            self.codes[result.error_code] += 1

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from allo_batch.models import DRY_RUN_MESSAGE, LIMIT_MESSAGE_PREFIX, STATUSES, RunSummary
+from allo_batch.models import DEFERRED_REASONS, STATUSES, InputCheck, RunSummary
 
 
 class Reporter(Protocol):
@@ -23,8 +23,16 @@ class Reporter(Protocol):
     def start(self, total: int) -> None:
         """The input has ``total`` rows."""
 
-    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
-        """Rows accounted for so far, per status, and the achieved request rate."""
+    def update(
+        self,
+        done: int,
+        counts: Counter[str],
+        rate: float | None,
+        *,
+        unreachable_for: float | None = None,
+    ) -> None:
+        """Rows accounted for so far, per status, the achieved request rate, and how long the
+        API has been unreachable (None while it answers)."""
 
     def close(self) -> None:
         """The run is over."""
@@ -36,7 +44,14 @@ class NullReporter:
     def start(self, total: int) -> None:
         """Ignore the total."""
 
-    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+    def update(
+        self,
+        done: int,
+        counts: Counter[str],
+        rate: float | None,
+        *,
+        unreachable_for: float | None = None,
+    ) -> None:
         """Ignore progress."""
 
     def close(self) -> None:
@@ -57,9 +72,16 @@ class TqdmReporter:
         self._bar.total = total
         self._bar.refresh()
 
-    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+    def update(
+        self,
+        done: int,
+        counts: Counter[str],
+        rate: float | None,
+        *,
+        unreachable_for: float | None = None,
+    ) -> None:
         """Advance the bar and show the counts."""
-        self._bar.set_postfix_str(_counts_text(counts, rate), refresh=False)
+        self._bar.set_postfix_str(_counts_text(counts, rate, unreachable_for), refresh=False)
         self._bar.update(done - self._shown)
         self._shown = done
 
@@ -108,7 +130,14 @@ class LogReporter(_Periodic):
         super().__init__(total, interval)
         self._stream = stream or sys.stderr
 
-    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+    def update(
+        self,
+        done: int,
+        counts: Counter[str],
+        rate: float | None,
+        *,
+        unreachable_for: float | None = None,
+    ) -> None:
         """Write a line when the interval has passed."""
         now = self._due()
         if now is None:
@@ -116,7 +145,7 @@ class LogReporter(_Periodic):
         of = f"/{self._total} ({100 * done // max(self._total, 1)}%)" if self._total else ""
         left = self._eta(done, now)
         eta = f", ETA {_duration(left)}" if left is not None else ""
-        line = f"allo-batch: {done}{of} rows, {_counts_text(counts, rate)}{eta}"
+        line = f"allo-batch: {done}{of} rows, {_counts_text(counts, rate, unreachable_for)}{eta}"
         print(line, file=self._stream, flush=True)
 
 
@@ -162,7 +191,14 @@ class JsonLogReporter(_Periodic):
         super().start(total)
         self._log.emit("start", rows=total, **self._start_fields)
 
-    def update(self, done: int, counts: Counter[str], rate: float | None) -> None:
+    def update(
+        self,
+        done: int,
+        counts: Counter[str],
+        rate: float | None,
+        *,
+        unreachable_for: float | None = None,
+    ) -> None:
         """Emit ``progress`` when the interval has passed."""
         now = self._due()
         if now is None:
@@ -175,14 +211,28 @@ class JsonLogReporter(_Periodic):
             by_status={s: counts[s] for s in STATUSES if counts.get(s)},
             requests_per_second=round(rate, 2) if rate else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
+            unreachable_seconds=round(unreachable_for) if unreachable_for else None,
+            note=_unreachable_text(unreachable_for),
         )
 
 
-def _counts_text(counts: Counter[str], rate: float | None) -> str:
+def _counts_text(
+    counts: Counter[str], rate: float | None, unreachable_for: float | None = None
+) -> str:
     parts = [f"{s} {counts[s]}" for s in STATUSES if counts.get(s)]
     if rate:
         parts.append(f"{rate:.1f} req/s")
+    note = _unreachable_text(unreachable_for)
+    if note:
+        parts.append(note)
     return ", ".join(parts) or "starting"
+
+
+def _unreachable_text(seconds: float | None) -> str | None:
+    """Shown while the API has been failing for a while: the run waits, it has not hung."""
+    if seconds is None or seconds < 1:
+        return None
+    return f"API unreachable for {seconds:.0f} s, retrying"
 
 
 def _duration(seconds: float) -> str:
@@ -225,6 +275,20 @@ def format_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+def format_input_check(found: InputCheck) -> str:
+    """The ``validate`` report: counts, then each error code with a few example rows
+    (numbered like the result file: 0-based records)."""
+    valid = found.rows - found.invalid
+    lines = [
+        f"{found.path}: {found.rows} rows, {valid} valid, {found.invalid} invalid"
+        + (f", {found.repeats} exact repeats (sent once)" if found.repeats else "")
+    ]
+    for code, count in sorted(found.codes.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {code}: {count}")
+        lines.extend(f"    row {row}: {text}" for row, text in found.examples[code])
+    return "\n".join(lines)
+
+
 def summary_json(summary: RunSummary) -> str:
     """The summary as one JSON object."""
     return json.dumps(summary.as_dict(), sort_keys=True)
@@ -264,10 +328,7 @@ def summarize_file(path: Path) -> RunSummary:
         summary.exit_code = int(sidecar.get("exit_code", 3))
     else:
         deferred = frame.filter(
-            (pl.col("status") == "not_sent")
-            & pl.col("message")
-            .str.starts_with(DRY_RUN_MESSAGE)
-            .or_(pl.col("message").str.starts_with(LIMIT_MESSAGE_PREFIX))
+            (pl.col("status") == "not_sent") & pl.col("reason").is_in(DEFERRED_REASONS)
         ).height
         summary.exit_code = exit_code_for(summary.by_status, deferred=deferred)
     return summary
@@ -277,3 +338,76 @@ def exit_code_for(by_status: dict[str, int], *, deferred: int = 0) -> int:
     """0 when every row is updated or skipped (``deferred`` not_sent rows aside), else 1."""
     not_done = sum(by_status.get(s, 0) for s in ("invalid", "failed", "not_sent")) - deferred
     return 1 if not_done > 0 else 0
+
+
+class RunConsole:
+    """Where ``run`` tells what happens: lines for people, or JSON events (``--log-format``).
+
+    It writes to whatever ``sys.stdout``/``sys.stderr`` are at the time (click's test runner
+    swaps them). The summary goes to stdout as JSON with ``as_json``.
+    """
+
+    def __init__(self, log_format: str = "text", *, as_json: bool = False) -> None:
+        self.as_json = as_json
+        self.log: JsonLog | None = None
+        self.use(log_format)
+
+    def use(self, log_format: str, **context: Any) -> None:
+        """Switch to ``log_format`` (a job spec may set it), with fields for every event."""
+        self.log = JsonLog(**context) if log_format == "json" else None
+
+    def log_line(self, level: str, message: str) -> str:
+        """How a warning of the ``allo_batch`` logger reads in this console."""
+        if self.log is not None:
+            return self.log.line(level, message=message)
+        return f"allo-batch: {level.upper()}: {message}"
+
+    def reporter(self, config: Any) -> Reporter:
+        """The progress reporter of one run."""
+        if self.log is not None:
+            return JsonLogReporter(
+                self.log,
+                config.log_interval,
+                input=str(config.input),
+                output=str(config.output_path),
+                dry_run=config.dry_run,
+            )
+        if config.progress:
+            return TqdmReporter(total=None)
+        return LogReporter(total=None, interval=config.log_interval)
+
+    def starting(self, config: Any) -> None:
+        """Say where the results go before the run starts (a person must know where to look)."""
+        if self.log is None and not self.as_json:
+            _say(f"allo-batch: {config.input} -> {config.output_path}")
+
+    def summary(self, summary: RunSummary, config: Any) -> None:
+        """The end-of-run summary: stdout with --json; stderr as text or a ``summary`` event."""
+        if self.as_json:
+            _say(summary_json(summary), sys.stdout)
+        if self.log is not None:
+            self.log.emit("summary", input=str(config.input), **summary.as_dict())
+        elif not self.as_json:
+            _say(format_summary(summary))
+
+    def failed(self, message: str, exit_code: int, config: Any = None) -> None:
+        """A run that stopped or never started."""
+        if self.log is not None:
+            where = {"input": str(config.input)} if config is not None else {}
+            self.log.emit("stop", exit_code=exit_code, reason=message, **where)
+        else:
+            _say(f"allo-batch: {message}")
+
+    def skipped(self, message: str, exit_code: int = 0) -> None:
+        """Files of a job left alone: none matched today, or a stop came first."""
+        if self.log is not None:
+            self.log.emit("skip", exit_code=exit_code, reason=message)
+        else:
+            _say(f"allo-batch: {message}")
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """One message on stderr (or ``stream``), as it is at the time of writing."""
+    out = stream or sys.stderr
+    out.write(text + "\n")
+    out.flush()

@@ -2,20 +2,27 @@
 
 Each worker takes a permit from the shared pacer right before it writes a request, retries what
 can succeed (429, 5xx, timeouts, dropped connections, ``retryable: true``) with capped, jittered
-exponential backoff (``Retry-After`` wins), and turns the last answer into a :class:`RowResult`.
+exponential backoff (``Retry-After`` wins), and reports each row's outcome to the recorder.
 A 429 is never a row failure: the pacer pauses and slows, and the row waits its turn.
 
-A stop (401/403, ``--max-errors``, a run of transient failures, a signal) ends sending but never
-drops a row: queued rows become ``not_sent``; requests in flight get a grace period, then are
-cancelled and recorded ``not_sent`` (they may have landed; resending is safe).
+Outages are judged by time, not by a count of fast failures: while no request has succeeded
+since the first failure and that is less than ``max_outage`` seconds ago, failures that say
+"unreachable" (connection errors, timeouts, gateway pages, 5xx) do not use up a row's attempts;
+the row waits with capped backoff. Past ``max_outage`` the run stops (exit 3).
+
+A stop (401/403, ``--max-errors``, an outage, a signal) ends sending but never drops a row:
+queued rows become ``not_sent``; requests in flight get a grace period, then are cancelled and
+recorded ``not_sent`` (they may have landed; resending is safe).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -28,11 +35,21 @@ from allo_batch.errors import (
     AuthRefusedError,
     TooManyErrorsError,
 )
-from allo_batch.models import PlannedRequest, RowResult
+from allo_batch.models import PlannedRequest, Reason, RowResult
 from allo_batch.ratelimit import Pacer, WindowWatch, wait_retry_after
-from allo_batch.record import Journal
 
-Emit = Callable[[RowResult], None]
+Sleep = Callable[[float], Awaitable[None]]
+DEFAULT_GRACE = 5.0
+
+
+class Outcomes(Protocol):
+    """What the sender reports to: the recorder (``record.Recorder``)."""
+
+    def sending(self, request: PlannedRequest, request_id: str) -> None:
+        """A request for ``request`` is about to go out (recorded before it does)."""
+
+    def finished(self, result: RowResult) -> None:
+        """A sent row's final outcome for this run."""
 
 
 @dataclass(slots=True)
@@ -42,7 +59,6 @@ class SendStats:
     requests: int = 0
     rate_limited: int = 0
     failed_rows: int = 0
-    consecutive_transient: int = 0
     first_dispatch: float | None = None
     last_dispatch: float | None = None
     latencies: array[float] = field(default_factory=lambda: array("d"))
@@ -62,53 +78,69 @@ class Sender:
         self,
         client: AlloClient,
         pacer: Pacer,
-        watch: WindowWatch,
+        outcomes: Outcomes,
         *,
         policy: RetryPolicy,
-        journal: Journal,
-        emit: Emit,
-        max_errors: int | None,
-        clock: Callable[[], float],
+        max_errors: int | None = None,
+        watch: WindowWatch | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = anyio.sleep,
     ) -> None:
         self._client = client
         self._pacer = pacer
-        self._watch = watch
+        self._outcomes = outcomes
         self._policy = policy
-        self._journal = journal
-        self._emit = emit
         self._max_errors = max_errors
+        self._watch = watch
         self._clock = clock
+        self._sleep = sleep
         self.stats = SendStats()
         self.stop_error: AlloBatchError | None = None
+        self.grace = DEFAULT_GRACE
         self._stopping = anyio.Event()
         self._in_flight: set[anyio.CancelScope] = set()
+        self._waiting: set[anyio.CancelScope] = set()
+        self._failing_since: float | None = None
+        self._successes = 0
 
     @property
     def stopping(self) -> bool:
         """Whether sending has been told to stop."""
         return self._stopping.is_set()
 
-    def stop(self, error: AlloBatchError, *, grace: float) -> None:
-        """Stop taking rows; cancel requests still in flight after ``grace`` seconds."""
+    def stop(self, error: AlloBatchError, *, grace: float = DEFAULT_GRACE) -> None:
+        """Stop taking rows; requests in flight may finish for ``grace`` more seconds
+        (:meth:`enforce_grace` cancels them then; 0 cancels them now)."""
         if self.stop_error is None:
             self.stop_error = error
+        self.grace = min(self.grace, grace) if self.stopping else grace
         self._stopping.set()
+        for scope in list(self._waiting):
+            scope.cancel()  # rows waiting to retry give up at once
         if grace <= 0:
             self.cancel_in_flight()
 
-    async def wait_stopping(self) -> None:
-        """Return once sending has been told to stop."""
+    async def enforce_grace(self) -> None:
+        """Once stopping, cancel whatever is still in flight after the grace period."""
         await self._stopping.wait()
-
-    def stop_message(self) -> str:
-        """The ``message`` of rows left unsent by the stop."""
-        reason = self.stop_error.message if self.stop_error else "stopped"
-        return f"not sent: the run stopped ({reason})"
+        await self._wait(self.grace, interruptible=False)
+        self.cancel_in_flight()
 
     def cancel_in_flight(self) -> None:
         """Cancel every request now in flight (their rows become not_sent)."""
         for scope in list(self._in_flight):
             scope.cancel()
+
+    def unreachable_for(self) -> float | None:
+        """Seconds the API has been failing with no success in between, or None."""
+        if self._failing_since is None:
+            return None
+        return self._clock() - self._failing_since
+
+    def stop_message(self) -> str:
+        """The ``message`` of rows left unsent by the stop."""
+        reason = self.stop_error.message if self.stop_error else "stopped"
+        return f"not sent: the run stopped ({reason})"
 
     async def run(self, stream: MemoryObjectReceiveStream[PlannedRequest], workers: int) -> None:
         """Run ``workers`` workers until the stream is closed and drained."""
@@ -119,27 +151,29 @@ class Sender:
     async def _worker(self, stream: MemoryObjectReceiveStream[PlannedRequest], lane: int) -> None:
         async with stream:
             async for request in stream:
-                self._emit(await self._send(request, lane))
+                self._outcomes.finished(await self.send(request, lane))
 
-    async def _send(self, request: PlannedRequest, lane: int = 0) -> RowResult:
+    async def send(self, request: PlannedRequest, lane: int = 0) -> RowResult:
+        """Send one row until it lands, fails for good, or the run stops."""
         attempts = failures = rate_limited = 0
+        successes_at_first_failure = 0
         last: Answer | None = None
         while True:
             if self.stopping:
-                return _not_sent(request, attempts, last, self.stop_message())
+                return not_sent(request, self.stop_message(), attempts, last)
             await self._pacer.acquire()
             if self.stopping:
-                return _not_sent(request, attempts, last, self.stop_message())
+                return not_sent(request, self.stop_message(), attempts, last)
             answer = await self._dispatch(request, lane)
             if answer is None:
-                return _not_sent(
-                    request, attempts + 1, last, "stopped while in flight; may have landed"
-                )
+                message = "stopped while in flight; may have landed"
+                return not_sent(request, message, attempts + 1, last, reason="in_flight")
             attempts += 1
             last = answer
             if answer.kind == "ok":
-                self.stats.consecutive_transient = 0
-                return _result(request, "updated", attempts, answer)
+                self._successes += 1
+                self._failing_since = None
+                return _result(request, attempts, answer)
             if answer.http_status == 429:
                 self.stats.rate_limited += 1
                 rate_limited += 1
@@ -149,15 +183,35 @@ class Sender:
                 continue
             if answer.http_status in (401, 403):
                 self.stop(AuthRefusedError(_auth_message(answer)), grace=0)
-                return _result(request, "failed", attempts, answer, retryable=True)
+                return _result(request, attempts, answer, retryable=True)
             if not answer.retryable:
-                self.stats.consecutive_transient = 0
+                self._failing_since = None  # the API answered, and meant it
                 return self._failed(request, attempts, answer)
             failures += 1
-            self._note_transient()
-            if failures >= self._policy.max_attempts:
+            if failures == 1:
+                successes_at_first_failure = self._successes
+            # Nothing has landed since this row first failed and the API looks down: the
+            # failures say nothing about the row, so it waits for the API instead of failing.
+            api_down = _unreachable(answer) and self._successes == successes_at_first_failure
+            if api_down:
+                self._note_outage(answer)
+            elif failures >= self._policy.max_attempts:
                 return self._failed(request, attempts, answer)
-            await self._backoff(failures, answer.retry_after)
+            await self._backoff(failures, answer, api_down=api_down)
+
+    def _note_outage(self, answer: Answer) -> None:
+        """Start or continue the outage clock; past ``max_outage`` stop the run."""
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        down = now - self._failing_since
+        if down >= self._policy.max_outage:
+            self.stop(
+                ApiUnavailableError(
+                    f"the API has been unreachable for {down:.0f} s "
+                    f"(--max-outage {self._policy.max_outage:g}); last: {answer.error_code}"
+                )
+            )
 
     async def _dispatch(self, request: PlannedRequest, lane: int) -> Answer | None:
         now = self._clock()
@@ -170,13 +224,7 @@ class Sender:
             self._in_flight.add(scope)
             try:
                 request_id = new_request_id()
-                self._journal.sent(
-                    request.row,
-                    request.call_id,
-                    request.template_key,
-                    request.content_sha256,
-                    request_id,
-                )
+                self._outcomes.sending(request, request_id)
                 answer = await self._client.update_summary(
                     request.call_id, request.body, request_id=request_id, lane=lane
                 )
@@ -186,26 +234,38 @@ class Sender:
             return None
         if answer.kind != "transport":
             self.stats.latencies.append(answer.latency)
-            self._watch.observe(
-                sent_wall=answer.sent_wall,
-                received_wall=answer.received_wall,
-                limit=answer.limit,
-                remaining=answer.remaining,
-                reset=answer.reset,
-                date=answer.date,
-            )
+            if self._watch is not None:
+                self._watch.observe(
+                    sent_wall=answer.sent_wall,
+                    received_wall=answer.received_wall,
+                    limit=answer.limit,
+                    remaining=answer.remaining,
+                    reset=answer.reset,
+                    date=answer.date,
+                )
         return answer
 
-    async def _backoff(self, failures: int, retry_after: float | None) -> None:
-        if retry_after is not None:
-            delay = retry_after
-        else:
-            ceiling = min(
-                self._policy.backoff_max, self._policy.backoff_initial * 2 ** (failures - 1)
-            )
-            delay = random.uniform(ceiling / 2, ceiling)
-        with anyio.move_on_after(delay):
-            await self._stopping.wait()
+    async def _backoff(self, failures: int, answer: Answer, *, api_down: bool) -> None:
+        if answer.retry_after is not None:
+            await self._wait(answer.retry_after)
+            return
+        policy = self._policy
+        # While the API is down, cap the pause so that its return is noticed soon.
+        cap = policy.outage_backoff_max if api_down else policy.backoff_max
+        ceiling = min(cap, policy.backoff_initial * 2 ** (failures - 1))
+        await self._wait(random.uniform(ceiling / 2, ceiling))
+
+    async def _wait(self, seconds: float, *, interruptible: bool = True) -> None:
+        """Sleep with the injected sleep; a stop wakes every row waiting to retry."""
+        if interruptible and self.stopping:
+            return
+        with anyio.CancelScope() as scope:
+            if interruptible:
+                self._waiting.add(scope)
+            try:
+                await self._sleep(seconds)
+            finally:
+                self._waiting.discard(scope)
 
     def _failed(self, request: PlannedRequest, attempts: int, answer: Answer) -> RowResult:
         self.stats.failed_rows += 1
@@ -213,21 +273,15 @@ class Sender:
             self.stop(
                 TooManyErrorsError(
                     f"{self.stats.failed_rows} rows failed (--max-errors {self._max_errors})"
-                ),
-                grace=5.0,
+                )
             )
-        return _result(request, "failed", attempts, answer)
+        return _result(request, attempts, answer)
 
-    def _note_transient(self) -> None:
-        self.stats.consecutive_transient += 1
-        if self.stats.consecutive_transient >= self._policy.breaker_threshold:
-            self.stop(
-                ApiUnavailableError(
-                    f"the API failed {self.stats.consecutive_transient} requests in a row "
-                    "with transient errors"
-                ),
-                grace=5.0,
-            )
+
+def _unreachable(answer: Answer) -> bool:
+    """An answer that says the API as a whole is down, not that this row is wrong."""
+    status = answer.http_status
+    return answer.kind == "transport" or (status is not None and status >= 500)
 
 
 def _auth_message(answer: Answer) -> str:
@@ -236,18 +290,14 @@ def _auth_message(answer: Answer) -> str:
 
 
 def _result(
-    request: PlannedRequest,
-    status: str,
-    attempts: int,
-    answer: Answer,
-    *,
-    retryable: bool | None = None,
+    request: PlannedRequest, attempts: int, answer: Answer, *, retryable: bool | None = None
 ) -> RowResult:
+    landed = answer.kind == "ok"
     return RowResult(
         row=request.row,
         call_id=request.call_id,
         template_key=request.template_key,
-        status="updated" if status == "updated" else "failed",
+        status="updated" if landed else "failed",
         content_sha256=request.content_sha256,
         error_code=answer.error_code,
         retryable=answer.retryable if retryable is None else retryable,
@@ -256,13 +306,19 @@ def _result(
         updated_at=answer.updated_at,
         attempts=attempts,
         request_id=answer.request_id,
-        message=answer.message if status != "updated" else None,
+        message=None if landed else answer.message,
     )
 
 
-def _not_sent(
-    request: PlannedRequest, attempts: int, last: Answer | None, message: str
+def not_sent(
+    request: PlannedRequest,
+    message: str,
+    attempts: int = 0,
+    last: Answer | None = None,
+    *,
+    reason: Reason = "stopped",
 ) -> RowResult:
+    """A row the run did not (or not surely) deliver; a rerun sends it."""
     return RowResult(
         row=request.row,
         call_id=request.call_id,
@@ -275,10 +331,5 @@ def _not_sent(
         attempts=attempts,
         request_id=last.request_id if last else None,
         message=message,
+        reason=reason,
     )
-
-
-def not_sent(request: PlannedRequest, sender: Sender | None) -> RowResult:
-    """A planned row that was never handed to a worker."""
-    message = sender.stop_message() if sender is not None else "not sent"
-    return _not_sent(request, 0, None, message)

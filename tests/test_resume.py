@@ -438,10 +438,11 @@ def test_journal_and_results_are_owner_only(tmp_path: Path) -> None:
 def test_a_signal_outside_the_send_phase_exits_130_and_restores_handlers(
     log_format: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from allo_batch.cli import _Console, _exit_130_on_signals
+    from allo_batch.cli import _exit_130_on_signals
+    from allo_batch.report import RunConsole
 
     before = signal.getsignal(signal.SIGTERM)
-    console = _Console(log_format, as_json=False)
+    console = RunConsole(log_format, as_json=False)
     with pytest.raises(SystemExit) as stopped, _exit_130_on_signals(console):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this at once
@@ -458,23 +459,27 @@ def test_a_signal_outside_the_send_phase_exits_130_and_restores_handlers(
 
 def test_the_journal_is_synced_within_a_second_even_when_no_answer_comes(tmp_path: Path) -> None:
     """A request sent just after a sync, then a long wait for its answer, is still on disk."""
+    from allo_batch.models import PlannedRequest
     from allo_batch.pipeline import _tick
-    from allo_batch.record import Journal
+    from allo_batch.record import Recorder
     from allo_batch.report import NullReporter
     from allo_batch.send import SendStats
 
-    journal = Journal(tmp_path / "out.csv.journal")
-    journal.sync()
-    journal.sent(0, "cll-1", None, "0" * 64, "req_000000000001")
-    assert journal.unsynced  # the 1 s since the last sync has not passed
+    recorder = Recorder(tmp_path / "out.csv", {}, journaled=True)
+    recorder.sync()
+    recorder.sending(PlannedRequest(0, "cll-1", None, "0" * 64, b"{}"), "req_000000000001")
+    assert recorder.unsynced  # the 1 s since the last sync has not passed
 
     class Quiet:
         stats = SendStats()
 
+        def unreachable_for(self) -> None:
+            return None
+
     async def watch() -> None:
         with anyio.move_on_after(1.2):
-            await _tick(NullReporter(), Counter(), Quiet(), journal)  # type: ignore[arg-type]
+            await _tick(NullReporter(), recorder, Quiet())  # type: ignore[arg-type]
 
     anyio.run(watch)
-    assert not journal.unsynced
-    journal.close()
+    assert not recorder.unsynced
+    recorder.abandon()
