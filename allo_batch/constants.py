@@ -66,3 +66,9 @@ ERROR_TYPES: Final = {
     429: "rate_limit_error",
     500: "server_error",
 }
+
+# Idempotency on the summary PATCH is undocumented (allo-api.md §5). The pages name the request
+# header for other endpoints; the replay marker is only a second-hand claim. Shared so that the
+# client and the sandbox spell them alike.
+HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+HEADER_IDEMPOTENCY_REPLAYED: Final = "Idempotency-Replayed"

@@ -6,11 +6,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -572,6 +575,135 @@ class TestInspectionAndWorlds:
         assert anyio.run(go) == 200
 
 
+def raw_request(base_url: str, request_line: str, headers: dict[str, str], body: bytes) -> bytes:
+    """Send bytes exactly as written, so no client library normalises the path."""
+    host, port = base_url.removeprefix("http://").split(":")
+    lines = [request_line, f"Host: {host}:{port}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+        chunks = []
+        while chunk := sock.recv(65536):  # bounded: the server closes after one answer
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class TestPaths:
+    def test_an_encoded_id_is_one_segment_never_another_route(
+        self, sandbox_factory: SandboxFactory
+    ) -> None:
+        """%2F inside an id is part of the id: a traversal-looking id is just an unknown call."""
+        hostile = quote("cll-x/../../v2/api/webhooks/wh-1", safe="")
+        with sandbox_factory(make_world(), api_key=KEY) as sandbox:
+            answer = raw_request(
+                sandbox.base_url,
+                f"PATCH /v2/api/conversations/items/{hostile}/summary HTTP/1.1",
+                {**auth(), "Content-Type": "application/json"},
+                b'{"content": "x"}',
+            )
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404")
+            error = json.loads(body)["error"]
+            assert (error["code"], error["param"]) == ("CONVERSATION_ITEM_NOT_FOUND", "id")
+            assert "cll-x/../../v2/api/webhooks/wh-1" in error["message"]
+            counters = sandbox.state()["counters"]
+        assert (counters["patch"], counters.get("unknown_route", 0)) == (1, 0)
+
+    def test_an_id_with_a_slash_addresses_that_call(self, sandbox_factory: SandboxFactory) -> None:
+        """Segments are decoded after splitting, so an id holding '/' is reachable, encoded."""
+        world = make_world()
+        world.add_call("cll-a/b", ["MARKDOWN_CLASSIC"])
+        with (
+            sandbox_factory(world, api_key=KEY) as sandbox,
+            httpx.Client(base_url=sandbox.base_url) as c,
+        ):
+            written = patch(c, quote("cll-a/b", safe=""), {"content": "slash"})
+            read = c.get(f"/v2/api/conversations/items/{quote('cll-a/b', safe='')}", headers=auth())
+            unencoded = patch(c, "cll-a/b", {"content": "x"})
+        assert (written.status_code, written.json()["data"]["id"]) == (200, "cll-a/b")
+        assert read.json()["data"]["summary"] == "slash"
+        assert error_of(unencoded)["code"] == "ENDPOINT_NOT_FOUND"
+
+    def test_without_raw_path_the_decoded_path_is_routed(self) -> None:
+        """An ASGI server that gives no raw_path still reaches every route through path."""
+        import anyio
+
+        app = SandboxApp(make_world())
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/v2/api/conversations/items/cll-one",
+            "headers": [(b"authorization", f"Api-Key {KEY}".encode())],
+        }
+        anyio.run(app, scope, receive, send)
+        assert sent[0]["status"] == 200
+        assert json.loads(sent[1]["body"])["data"]["id"] == "cll-one"
+
+
+class TestCountersAndOutage:
+    def test_counters_per_route_and_per_auth_form(self, client: httpx.Client) -> None:
+        """The state counts requests per route and per Authorization form, refused or not."""
+        client.get("/v2/api/me", headers={"Authorization": KEY})
+        client.get("/v2/api/me", headers=auth())
+        patch(client, "cll-one", {"content": "x"})
+        client.get("/v2/api/conversations/items/cll-one", headers=auth())
+        client.post("/v2/api/conversations/items/batch", json={"ids": []}, headers=auth())
+        client.get("/v2/api/nothing")
+        state = client.sandbox.state()  # type: ignore[attr-defined]
+        counts = {k: v for k, v in state["counters"].items() if not k.startswith("status_")}
+        assert counts == {
+            "requests": 6,
+            "me": 2,
+            "patch": 1,
+            "get_item": 1,
+            "batch": 1,
+            "unknown_route": 1,
+            "auth_bare": 1,
+            "auth_prefixed": 4,
+            "auth_missing": 1,
+            "unauthorized": 2,
+            "writes_applied": 1,
+        }
+        assert state["persona"] == "documented"
+
+    def test_an_outage_refuses_connections_then_serves_the_same_state(
+        self, sandbox_factory: SandboxFactory
+    ) -> None:
+        """During an outage the port refuses connections; after it, earlier writes are there."""
+        with sandbox_factory(make_world(), api_key=KEY) as sandbox:
+            me = f"{sandbox.base_url}/v2/api/me"
+            with httpx.Client(base_url=sandbox.base_url) as c:
+                assert patch(c, "cll-one", {"content": "kept"}).status_code == 200
+            with sandbox.down(), pytest.raises(httpx.ConnectError):
+                httpx.get(me, headers=auth(), timeout=2)
+            outage = threading.Thread(target=sandbox.outage, args=(1.0,))
+            outage.start()
+            refused = False
+            deadline = time.monotonic() + 5
+            while outage.is_alive() and not refused and time.monotonic() < deadline:
+                try:
+                    httpx.get(me, headers=auth(), timeout=2)
+                except httpx.ConnectError:
+                    refused = True
+                time.sleep(0.02)
+            outage.join(10)
+            assert refused
+            assert httpx.get(me, headers=auth(), timeout=5).status_code == 200
+            state = sandbox.state(written_only=True)
+        assert [(s["call_id"], s["writes"]) for s in state["summaries"]] == [("cll-one", 1)]
+        assert state["counters"]["patch"] == 1
+        assert state["counters"]["me"] >= 1
+
+
 def test_sandbox_command_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """`allo-batch sandbox --port 0` prints its URL and key, serves, and exits 0 on SIGINT."""
     with subprocess.Popen(
@@ -583,10 +715,13 @@ def test_sandbox_command_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     ) as proc:
         try:
             assert proc.stdout is not None
-            first = proc.stdout.readline()
-            match = re.search(r"http://127\.0\.0\.1:\d+", first)
-            assert match, first
-            assert "ak_cli" in proc.stdout.readline()
+            # The banner ends with the line naming the state endpoint; at most a few lines.
+            banner = [proc.stdout.readline()]
+            while "/_sandbox/state" not in banner[-1] and len(banner) < 8 and banner[-1]:
+                banner.append(proc.stdout.readline())
+            match = re.search(r"http://127\.0\.0\.1:\d+", banner[0])
+            assert match, banner
+            assert "ak_cli" in "".join(banner)
             response = httpx.get(f"{match.group(0)}/v2/api/me", headers=auth("ak_cli"), timeout=5)
             assert response.status_code == 200
             proc.send_signal(signal.SIGINT)

@@ -7,7 +7,8 @@ Spec: comma-separated ``name=value`` pairs, for example
 ``latency=D``           added to every conversation request (``ms`` or ``s``; default 0)
 ``jitter=D``            latency is uniform in ``latency ± jitter``
 ``500=P``               probability of a 500 ``INTERNAL_SERVER_ERROR`` envelope (write not applied)
-``502=P`` / ``503=P``   probability of a non-JSON gateway page (write not applied)
+``502=P`` / ``503=P``   probability of a gateway error (write not applied): a non-JSON page,
+``504=P``               or the v2 error envelope under the persona switch ``gateway=envelope``
 ``drop=P``              probability that the connection closes with no complete answer
                         (write not applied)
 ``stall=P``             probability that the write is applied, then the answer is held back for
@@ -27,8 +28,9 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-Fault = Literal["none", "500", "502", "503", "drop", "stall"]
-_KINDS: tuple[Fault, ...] = ("500", "502", "503", "drop", "stall")
+# 504 comes last so that adding it left the decisions of specs without it unchanged.
+Fault = Literal["none", "500", "502", "503", "drop", "stall", "504"]
+_KINDS: tuple[Fault, ...] = ("500", "502", "503", "drop", "stall", "504")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)?$")
 
 
@@ -48,12 +50,22 @@ class FaultSpec:
     drop: float = 0.0
     stall: float = 0.0
     stall_time: float = 30.0
+    p504: float = 0.0
 
     @property
     def any_fault(self) -> bool:
         """Whether anything at all is injected."""
         return any(
-            (self.latency, self.jitter, self.p500, self.p502, self.p503, self.drop, self.stall)
+            (
+                self.latency,
+                self.jitter,
+                self.p500,
+                self.p502,
+                self.p503,
+                self.p504,
+                self.drop,
+                self.stall,
+            )
         )
 
 
@@ -72,7 +84,14 @@ def parse_fault_spec(spec: str | None) -> FaultSpec:
     if not spec:
         return FaultSpec()
     fields: dict[str, float] = {}
-    names = {"500": "p500", "502": "p502", "503": "p503", "drop": "drop", "stall": "stall"}
+    names = {
+        "500": "p500",
+        "502": "p502",
+        "503": "p503",
+        "504": "p504",
+        "drop": "drop",
+        "stall": "stall",
+    }
     for part in spec.split(","):
         name, sep, value = part.strip().partition("=")
         if not sep:
@@ -96,7 +115,8 @@ def parse_fault_spec(spec: str | None) -> FaultSpec:
             msg = f"unknown fault {name!r}; known: latency, jitter, stall-time, " + ", ".join(names)
             raise FaultSpecError(msg)
     spec_obj = FaultSpec(**fields)
-    if spec_obj.p500 + spec_obj.p502 + spec_obj.p503 + spec_obj.drop + spec_obj.stall > 1.0:
+    probabilities = (spec_obj.p500, spec_obj.p502, spec_obj.p503, spec_obj.p504)
+    if sum(probabilities) + spec_obj.drop + spec_obj.stall > 1.0:
         msg = "fault probabilities add up to more than 1"
         raise FaultSpecError(msg)
     return spec_obj
@@ -114,7 +134,7 @@ def decide(spec: FaultSpec, seed: int, target: str, n: int) -> tuple[Fault, floa
     delay = max(spec.latency + (2 * spread - 1) * spec.jitter, 0.0)
     edge = 0.0
     for kind, probability in zip(
-        _KINDS, (spec.p500, spec.p502, spec.p503, spec.drop, spec.stall), strict=True
+        _KINDS, (spec.p500, spec.p502, spec.p503, spec.drop, spec.stall, spec.p504), strict=True
     ):
         edge += probability
         if pick < edge:
