@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from allo_batch.errors import AlloBatchError, ExitCode
 from allo_batch.options import RUN_OPTIONS, Option, RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
-_DEBUG = {"traceback": False}
+_STATE: dict[str, Any] = {"debug": False}  # set by the group: --debug, the log handler
 
 
 class _Group(click.Group):
@@ -45,35 +44,10 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
 def cli(debug: bool) -> None:
     """Apply corrected Allo call summaries in bulk: rate-limited, resumable, accounted for."""
-    _DEBUG["traceback"] = debug
-    _setup_logging()
+    from allo_batch.report import ConsoleLogHandler
 
-
-class _StderrHandler(logging.Handler):
-    """Warnings (a lock taken over, --force) as one line each, in the run's log format, on
-    whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
-
-    console: Any = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        line = (
-            self.console.log_line(record.levelname.lower(), message)
-            if self.console is not None
-            else f"allo-batch: {record.levelname}: {message}"
-        )
-        click.echo(line, err=True)
-
-
-_HANDLER = _StderrHandler()
-
-
-def _setup_logging() -> None:
-    log = logging.getLogger("allo_batch")
-    if _HANDLER not in log.handlers:
-        log.addHandler(_HANDLER)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    _STATE["debug"] = debug
+    _STATE.setdefault("log", ConsoleLogHandler()).install()
 
 
 def _fail(error: AlloBatchError) -> NoReturn:
@@ -93,7 +67,7 @@ def _crash(exc: Exception) -> NoReturn:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-    if _DEBUG["traceback"]:
+    if _STATE["debug"]:
         click.echo(text, err=True, nl=False)
     click.echo(
         f"allo-batch: internal error ({type(exc).__name__}); this is a bug, not your data. "
@@ -186,6 +160,12 @@ _column_option = click.option(
     help="With --sandbox: fault spec (see `allo-batch sandbox --help`).",
 )
 @click.option(
+    "--sandbox-persona",
+    default="documented",
+    show_default=True,
+    help="With --sandbox: how it answers where the docs are silent (`allo-batch sandbox -h`).",
+)
+@click.option(
     "--sandbox-seed",
     type=int,
     default=0,
@@ -224,6 +204,7 @@ def run(
     sandbox_rate: int,
     sandbox_faults: str | None,
     sandbox_seed: int,
+    sandbox_persona: str,
     progress: bool | None,
     as_json: bool,
     job_file: Path | None,
@@ -250,7 +231,7 @@ def run(
     from allo_batch.report import RunConsole
 
     console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
-    _HANDLER.console = console
+    _STATE["log"].console = console
     with _exit_130_on_signals(console):
         try:
             request = RunRequest(
@@ -280,10 +261,11 @@ def run(
                 url = stack.enter_context(
                     _embedded_sandbox(
                         [c.input for c in configs],
-                        sandbox_world,
-                        sandbox_rate,
-                        sandbox_faults,
-                        sandbox_seed,
+                        world_file=sandbox_world,
+                        write_rate=sandbox_rate,
+                        faults=sandbox_faults,
+                        seed=sandbox_seed,
+                        persona=sandbox_persona,
                     )
                 )
                 configs = [dataclasses.replace(c, base_url=url) for c in configs]
@@ -318,35 +300,35 @@ def _sandbox_key() -> Any:
 
 
 @contextlib.contextmanager
-def _embedded_sandbox(
-    inputs: list[Path], world_file: Path | None, rate: int, faults: str | None, seed: int
-) -> Iterator[str]:
-    """``run --sandbox``: a simulator on a free loopback port, seeded from the inputs (read
-    with the sandbox's own few lines, sharing no reading code with the client)."""
+def _embedded_sandbox(inputs: list[Path], **options: Any) -> Iterator[str]:
     try:
         import uvicorn  # noqa: F401
 
         from allo_batch import sandbox as sb
-        from allo_batch.sandbox.background import serve_in_background
-        from allo_batch.sandbox.world import pairs_from_file
+        from allo_batch.sandbox.background import embedded
     except ImportError:
         _fail(
             AlloBatchError("--sandbox needs the sandbox extra: pip install 'allo-batch[sandbox]'")
         )
     try:
-        seeds = [path for path in inputs if path.is_file()]
-        pairs = None if world_file else [p for path in seeds for p in pairs_from_file(path)]
-        world = sb.build_world(
-            world_file=world_file, seed_pairs=pairs, api_key=sb.DEFAULT_SANDBOX_KEY, write_rate=rate
-        )
-        app = sb.create_app(world, faults=faults, seed=seed)
-    except (sb.WorldError, sb.FaultSpecError) as exc:
+        with embedded(inputs, **options) as running:
+            yield running.base_url
+    except (sb.WorldError, sb.FaultSpecError, sb.UnknownPersonaError) as exc:
         _fail(AlloBatchError(str(exc)))
-    with serve_in_background(app, api_key=sb.DEFAULT_SANDBOX_KEY) as running:
-        yield running.base_url
 
 
-@cli.command()
+class _SandboxCommand(click.Command):
+    """``sandbox --help`` ends with the personas and what each one chooses."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from allo_batch.sandbox.personas import describe_personas
+
+        with formatter.section("Personas (--persona)"):
+            for line in describe_personas().splitlines():
+                formatter.write(f"{'':{formatter.current_indent}}{line}\n")
+
+
+@cli.command(cls=_SandboxCommand)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--api-key", "api_key", default=None, help="The full-scope key [default: generated].")
@@ -366,6 +348,12 @@ def _embedded_sandbox(
 )
 @click.option("--faults", default=None, help="Fault spec, e.g. latency=50ms,jitter=20ms,503=0.01.")
 @click.option("--seed", default=0, show_default=True, help="Seed for reproducible faults.")
+@click.option(
+    "--persona",
+    default="documented",
+    show_default=True,
+    help="How the simulator answers where the API docs are silent (see below).",
+)
 def sandbox(
     host: str,
     port: int,
@@ -376,6 +364,7 @@ def sandbox(
     from_input: Path | None,
     faults: str | None,
     seed: int,
+    persona: str,
 ) -> None:
     """Serve a local simulator of the Allo API until Ctrl-C.
 
@@ -383,7 +372,7 @@ def sandbox(
     Fault spec: comma-separated name=value pairs:
       latency=50ms   jitter=20ms   (latency uniform in 50ms ± 20ms)
       500=P          an INTERNAL_SERVER_ERROR envelope (write not applied)
-      502=P  503=P   a non-JSON gateway page (write not applied)
+      502=P 503=P 504=P  a gateway error: HTML page or envelope, per persona (not applied)
       drop=P         the connection closes without a complete answer (not applied)
       stall=P        the write is applied, the answer held back for stall-time
       stall-time=30s
@@ -396,7 +385,7 @@ def sandbox(
     import secrets
 
     from allo_batch import sandbox as sb
-    from allo_batch.sandbox.server import base_url_of, bind_socket, make_server
+    from allo_batch.sandbox.background import serve_forever
     from allo_batch.sandbox.world import pairs_from_file
 
     key = api_key or f"ak_sandbox_{secrets.token_hex(8)}"
@@ -409,20 +398,18 @@ def sandbox(
             write_rate=write_rate,
             read_rate=read_rate,
         )
-        app = sb.create_app(world, faults=faults, seed=seed)
-        sock = bind_socket(host, port)
-    except (sb.WorldError, sb.FaultSpecError, OSError) as exc:
+        serve_forever(
+            world,
+            key,
+            host=host,
+            port=port,
+            say=click.echo,
+            faults=faults,
+            seed=seed,
+            persona=persona,
+        )
+    except (sb.WorldError, sb.FaultSpecError, sb.UnknownPersonaError, OSError) as exc:
         raise click.UsageError(str(exc)) from exc
-    url = base_url_of(sock)
-    click.echo(f"allo-batch sandbox serving {url}")
-    click.echo(f"  calls: {len(world.calls)}, SMS: {len(world.sms)}, keys: {len(world.keys)}")
-    click.echo("  point allo-batch at it from another terminal with:")
-    click.echo(f"    export ALLO_BASE_URL={url} ALLO_API_KEY={key}")
-    click.echo(f"  state: curl {url}/_sandbox/state    stop: Ctrl-C")
-    # uvicorn re-raises the Ctrl-C it already handled gracefully.
-    with contextlib.suppress(KeyboardInterrupt):
-        make_server(app, log_level="info").run(sockets=[sock])
-    click.echo("allo-batch sandbox stopped")
 
 
 @cli.command()

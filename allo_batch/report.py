@@ -8,6 +8,7 @@ never per row (performance.md rule 16).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections import Counter
@@ -411,3 +412,28 @@ def _say(text: str, stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     out.write(text + "\n")
     out.flush()
+
+
+class ConsoleLogHandler(logging.Handler):
+    """The ``allo_batch`` logger's warnings (a lock taken over, --force, a readable key file),
+    one line each in the console's format, on whatever ``sys.stderr`` is at the time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.console: RunConsole | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record as one line."""
+        level, message = record.levelname.lower(), record.getMessage()
+        if self.console is not None:
+            _say(self.console.log_line(level, message))
+        else:
+            _say(f"allo-batch: {level.upper()}: {message}")
+
+    def install(self) -> None:
+        """Make this the ``allo_batch`` logger's only output (once per process)."""
+        log = logging.getLogger("allo_batch")
+        if self not in log.handlers:
+            log.addHandler(self)
+            log.setLevel(logging.INFO)
+            log.propagate = False

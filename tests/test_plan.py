@@ -1,0 +1,104 @@
+"""Planning on its own: what each validated row becomes, in input order, and why."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from allo_batch.models import PlannedRequest, RowResult
+from allo_batch.plan import attach_done, content_sha256, plan_batch, request_body
+from allo_batch.validate import duplicates_in, validate_batch
+
+DONE_SCHEMA = {
+    "call_id": pl.String,
+    "template_key": pl.String,
+    "content_sha256": pl.String,
+    "version": pl.Int64,
+    "updated_at": pl.String,
+    "request_id": pl.String,
+}
+
+
+def batch(*rows: tuple[str | None, str | None, str | None]) -> pl.DataFrame:
+    schema = dict.fromkeys(("call_id", "template_key", "content"), pl.String)
+    frame = pl.DataFrame(rows, schema=schema, orient="row").with_row_index("row")
+    return frame.with_columns(pl.col("row").cast(pl.Int64))
+
+
+def planned(
+    frame: pl.DataFrame,
+    done: pl.DataFrame | None = None,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+) -> list[RowResult | PlannedRequest]:
+    checked = validate_batch(frame, duplicates_in(frame))
+    landed = done if done is not None else pl.DataFrame(schema=DONE_SCHEMA)
+    return list(plan_batch(attach_done(checked, landed), dry_run=dry_run, limit=limit))
+
+
+def test_each_row_becomes_a_request_or_a_final_result_in_order() -> None:
+    """Valid rows become requests with their body serialised once; others get their code."""
+    rows = planned(
+        batch(
+            ("cll-1", None, "fixed"),
+            ("msg-2", None, "sms"),
+            ("cll-3", "MARKDOWN_SHORT_CALL", "short"),
+            ("cll-1", None, "fixed"),
+        )
+    )
+    first, sms, short, repeat = rows
+    assert isinstance(first, PlannedRequest)
+    assert json.loads(first.body) == {"content": "fixed"}
+    assert first.content_sha256 == content_sha256("fixed")
+    assert isinstance(sms, RowResult)
+    assert (sms.status, sms.error_code) == ("invalid", "INVALID_ITEM_ID")
+    assert isinstance(short, PlannedRequest)
+    assert json.loads(short.body) == {"content": "short", "template_key": "MARKDOWN_SHORT_CALL"}
+    assert isinstance(repeat, RowResult)
+    assert (repeat.status, repeat.reason) == ("skipped", "repeat")
+
+
+def test_content_that_landed_earlier_is_skipped_with_its_version() -> None:
+    """The done index matches on call, template and the exact content; edited rows go again."""
+    done = pl.DataFrame(
+        [("cll-1", "", content_sha256("fixed"), 4, "2026-11-24T00:00:00", "req_a")],
+        schema=DONE_SCHEMA,
+        orient="row",
+    )
+    same, edited = planned(batch(("cll-1", None, "fixed"), ("cll-1x", None, "edited")), done)
+    assert isinstance(same, RowResult)
+    assert (same.status, same.version, same.reason) == ("skipped", 4, "landed_earlier")
+    assert isinstance(edited, PlannedRequest)
+
+
+def test_a_limit_or_dry_run_never_turns_a_landed_row_back_into_one_to_send() -> None:
+    """A --limit canary after a full run keeps every landed row skipped with its version, and
+    rows beyond the limit are deferred with a reason (not failures)."""
+    done = pl.DataFrame(
+        [(f"cll-{i}", "", content_sha256(f"fix {i}"), 2, None, None) for i in range(4)],
+        schema=DONE_SCHEMA,
+        orient="row",
+    )
+    frame = batch(*[(f"cll-{i}", None, f"fix {i}") for i in range(6)])
+    rows = planned(frame, done, limit=1)
+    assert [getattr(r, "status", "request") for r in rows] == [
+        "skipped",
+        "skipped",
+        "skipped",
+        "skipped",
+        "not_sent",
+        "not_sent",
+    ]
+    assert all(r.version == 2 for r in rows[:4] if isinstance(r, RowResult))
+    assert {r.reason for r in rows[4:] if isinstance(r, RowResult)} == {"limit"}
+    dry = planned(frame, done, dry_run=True)
+    assert [r.reason for r in dry if isinstance(r, RowResult)] == ["landed_earlier"] * 4 + [
+        "dry_run"
+    ] * 2
+
+
+def test_the_body_leaves_out_an_empty_template_and_keeps_unicode() -> None:
+    """One serialisation, compact, UTF-8 as is."""
+    assert request_body("é ✓", None) == '{"content":"é ✓"}'.encode()

@@ -1,0 +1,176 @@
+"""Recording: the result file round-trips in every format, empty jobs included; sidecars never
+follow symbolic links; the Recorder keeps journal, results and counters in step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import get_args
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from allo_batch.errors import UsageError
+from allo_batch.lock import OutputLock, lock_path
+from allo_batch.models import (
+    RESULT_COLUMNS,
+    STATUSES,
+    PlannedRequest,
+    Reason,
+    RowResult,
+    RunSummary,
+)
+from allo_batch.record import (
+    Journal,
+    OrderedResults,
+    Recorder,
+    journal_path,
+    read_journal,
+    read_results,
+    sidecar_path,
+)
+from allo_batch.report import summarize_file
+
+FORMATS = ("parquet", "csv", "ndjson")
+text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30
+)
+maybe_text = st.none() | text.filter(bool)  # CSV cannot tell "" from null
+
+
+@st.composite
+def results(draw: st.DrawFn) -> list[RowResult]:
+    count = draw(st.integers(min_value=0, max_value=25))
+    return [
+        RowResult(
+            row=row,
+            call_id=draw(maybe_text),
+            template_key=draw(maybe_text),
+            status=draw(st.sampled_from(STATUSES)),
+            content_sha256=draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
+            error_code=draw(maybe_text),
+            retryable=draw(st.booleans()),
+            http_status=draw(st.none() | st.integers(100, 599)),
+            version=draw(st.none() | st.integers(0, 2**62)),
+            updated_at=draw(maybe_text),
+            attempts=draw(st.integers(0, 100)),
+            request_id=draw(maybe_text),
+            message=draw(maybe_text),
+            reason=draw(st.none() | st.sampled_from(get_args(Reason))),
+        )
+        for row in range(count)
+    ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=results())
+def test_any_result_file_round_trips_in_every_format(
+    fmt: str, rows: list[RowResult], tmp_path: Path
+) -> None:
+    """What the writer writes, in any order, the reader reads back in input order, exactly."""
+    output = tmp_path / f"results.{fmt}"
+    writer = OrderedResults(output)
+    for result in reversed(rows):
+        writer.add(result)
+    writer.finish()
+    frame = read_results(output)
+    assert frame.columns == list(RESULT_COLUMNS)
+    assert frame.rows() == [r.as_tuple() for r in rows]
+    output.unlink()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_empty_job_writes_a_result_file_every_command_reads(fmt: str, tmp_path: Path) -> None:
+    """Zero rows is a valid job: the file is readable by rerun and report."""
+    output = tmp_path / f"empty.{fmt}"
+    recorder = Recorder(output, {"rows": 0}, journaled=True)
+    recorder.close(RunSummary(rows=0))
+    assert read_results(output).height == 0
+    assert summarize_file(output).rows == 0
+    assert not journal_path(output).exists()
+
+
+def test_an_older_result_file_without_the_reason_column_still_reads(tmp_path: Path) -> None:
+    """An upgrade in the middle of a job loses nothing: missing columns come back null."""
+    output = tmp_path / "old.csv"
+    old = [c for c in RESULT_COLUMNS if c != "reason"]
+    pl.DataFrame({c: ["1"] if c in ("row", "attempts") else [None] for c in old}).with_columns(
+        pl.lit("updated").alias("status"), pl.lit("true").alias("retryable")
+    ).write_csv(output)
+    frame = read_results(output)
+    assert frame["reason"].to_list() == [None]
+    assert frame["retryable"].to_list() == [True]
+
+
+def test_the_recorder_journals_sent_and_lasting_outcomes_and_counts_them(tmp_path: Path) -> None:
+    """Requests are journaled before they go; updated and failed rows after; planned rows are
+    counted and written but not journaled (a rerun plans them again)."""
+    output = tmp_path / "out.ndjson"
+    recorder = Recorder(output, {"rows": 3}, journaled=True)
+    request = PlannedRequest(1, "cll-1", None, "a" * 64, b"{}")
+    recorder.planned(
+        RowResult(
+            row=0,
+            call_id="x",
+            template_key=None,
+            status="invalid",
+            content_sha256="b" * 64,
+            error_code="INVALID_ITEM_ID",
+        )
+    )
+    recorder.sending(request, "req_000000000001")
+    recorder.finished(
+        RowResult(
+            row=1,
+            call_id="cll-1",
+            template_key=None,
+            status="updated",
+            content_sha256="a" * 64,
+            version=2,
+        )
+    )
+    recorder.planned(
+        RowResult(
+            row=2,
+            call_id="cll-2",
+            template_key=None,
+            status="not_sent",
+            content_sha256="c" * 64,
+            reason="limit",
+        )
+    )
+    facts = read_journal(journal_path(output))
+    assert [u["row"] for u in facts.updated] == [1]
+    assert facts.in_doubt == []
+    assert dict(recorder.counts) == {"invalid": 1, "updated": 1, "not_sent": 1}
+    assert recorder.deferred == 1
+    assert dict(recorder.codes) == {"INVALID_ITEM_ID": 1}
+    recorder.close(RunSummary(rows=3))
+    assert read_results(output)["status"].to_list() == ["invalid", "updated", "not_sent"]
+    assert sidecar_path(output).exists()
+
+
+@pytest.mark.parametrize("which", ["journal", "lock", "sidecar"])
+def test_sidecars_never_write_through_a_symbolic_link(which: str, tmp_path: Path) -> None:
+    """A planted link at <output>.journal/.lock must not get its target appended or truncated."""
+    output = tmp_path / "out.csv"
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    link = {"journal": journal_path(output), "lock": lock_path(output)}.get(which)
+    if which == "sidecar":
+        link = output.with_name(f".{sidecar_path(output).name}.tmp")
+    assert link is not None
+    os.symlink(target, link)
+    with pytest.raises(UsageError, match="symbolic link"):
+        if which == "journal":
+            Journal(journal_path(output))
+        elif which == "lock":
+            OutputLock(output).acquire()
+        else:
+            Recorder(output, {}, journaled=False).close(RunSummary())
+    assert target.read_text() == "keep me\n"
