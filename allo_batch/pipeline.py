@@ -253,7 +253,6 @@ class _Sending:
     sender: Sender | None = None
     rate: float | None = None
     auth_form: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 async def _execute(
@@ -275,8 +274,13 @@ async def _execute(
     finally:
         reporter.close()
     summary = _summarize(config, prepared, recorder, sending, started)
-    recorder.close(summary)
-    stop = sending.sender.stop_error if sending.sender is not None else None
+    sender = sending.sender
+    recorder.close(
+        summary,
+        timeline=sender.stats.timeline.as_dict() if sender is not None else None,
+        auth_form=sending.auth_form,
+    )
+    stop = sender.stop_error if sender is not None else None
     if stop is not None:
         stop.summary = summary
         raise stop

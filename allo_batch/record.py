@@ -481,10 +481,12 @@ class Recorder:
         if self._journal is not None:
             self._journal.sync()
 
-    def close(self, summary: RunSummary) -> None:
-        """Write the result file and the sidecar; the journal is then redundant and removed."""
+    def close(self, summary: RunSummary, **facts: Any) -> None:
+        """Write the result file and the sidecar (the input's fingerprint, the summary and any
+        other ``facts`` of the run); the journal is then redundant and removed."""
         self._results.finish()
-        write_sidecar(self.output, {"input": self._input_facts, "summary": summary.as_dict()})
+        sidecar = {"input": self._input_facts, "summary": summary.as_dict(), **facts}
+        write_sidecar(self.output, sidecar)
         if self._journal is not None:
             self._journal.close()
             journal_path(self.output).unlink(missing_ok=True)
