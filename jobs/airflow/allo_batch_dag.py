@@ -1,7 +1,8 @@
 """Airflow 3 DAG: run an allo-batch job spec (jobs/*.toml) as one task.
 
 Install allo-batch where the workers can run it (its own virtual environment is best) and copy
-this file into the DAGs folder. Settings, from the worker's environment:
+this file and ``allo_batch_command.py`` (the command line and its checks, imported from here)
+into the DAGs folder. Settings, from the worker's environment:
 
 - ``ALLO_BATCH``: the ``allo-batch`` command [default: ``allo-batch`` on PATH];
 - ``ALLO_BATCH_JOBS``: the folder of job specs [default: this file's ``../``, i.e. ``jobs/``];
@@ -18,12 +19,16 @@ Exit codes become task states:
 - 0: success; the summary is the task's return value (XCom);
 - 1 (rows invalid or failed) and 2 (bad spec or input): the task fails without retries, with
   the summary in the log; fix the file and clear the task, and only rows not yet landed go out;
-- 3 (stopped early: API unavailable, output locked, ...) and 130 (killed): the task fails and
-  Airflow retries it; a retry is a rerun with the same output, so it resumes instead of
-  resending.
+- 3 (stopped early: API unavailable, output locked, ...), 130 (killed) and 70 (an internal
+  error; report it with the saved traceback): the task fails and Airflow retries it; a retry is
+  a rerun with the same output, so it resumes instead of resending.
 
 Trigger with a config to run another spec or file: ``{"job": "backfill.toml"}``,
-``{"input": "/path/file.csv", "output": "/path/file.results.parquet"}``.
+``{"input": "/path/file.csv", "output": "/path/file.results.parquet"}``. A trigger may set only
+these three: ``job`` is a spec's file name in the jobs folder, ``input`` and ``output`` are
+absolute paths or s3://, gs:// or az:// URIs. The base URL is never taken from a trigger (see
+``allo_batch_command.py``). Anything else fails the task at once, without retries, before the
+key is read.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import logging
 import os
 import signal
 import subprocess
-import tomllib
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,18 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Connection, Param, Variable, get_current_context, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+# allo_batch_command.py sits beside this file. Airflow 3 puts the DAGs folder on sys.path when
+# it parses DAGs and runs tasks; a plain DagBag (as in a DAG import test) does not.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+from allo_batch_command import (
+    ConfError,
+    base_url,
+    checked_request,
+    command,
+    key_variable,
+)
 
 ALLO_BATCH = os.environ.get("ALLO_BATCH", "allo-batch")
 JOBS = Path(os.environ.get("ALLO_BATCH_JOBS", Path(__file__).resolve().parent.parent))
@@ -53,6 +70,8 @@ FAILED_FOR_GOOD = {
     1: "some rows are invalid or failed",
     2: "did not start: bad job spec, input or usage (nothing sent)",
 }
+# Retried like a stop (a retry resumes), but said apart: a bug needs a report, not patience.
+INTERNAL = {4, 70}
 
 
 def credentials() -> tuple[str, str | None]:
@@ -72,15 +91,6 @@ def credentials() -> tuple[str, str | None]:
         port = f":{connection.port}" if connection.port else ""
         base_url = f"{connection.schema or 'https'}://{connection.host}{port}"
     return str(connection.password), base_url
-
-
-def key_variable(spec: Path) -> str:
-    """The environment variable the spec reads the key from."""
-    try:
-        with spec.open("rb") as handle:
-            return str(tomllib.load(handle).get("api_key_env", "ALLO_API_KEY"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return "ALLO_API_KEY"  # allo-batch itself reports what is wrong with the spec
 
 
 def run_allo_batch(command: list[str], env: dict[str, str]) -> tuple[int, list[dict[str, Any]]]:
@@ -118,7 +128,8 @@ with DAG(
     max_active_runs=1,
     tags=["allo", "allo-batch"],
     params={
-        "job": Param("nightly.toml", type="string", description="Spec in jobs/, or a path"),
+        # Checked by the task (allo_batch_command.py), which names the key it refuses.
+        "job": Param("nightly.toml", type="string", description="A spec's file name in jobs/"),
         "input": Param(None, type=["null", "string"], description="Overrides the spec's input"),
         "output": Param(None, type=["null", "string"], description="Overrides its output"),
     },
@@ -133,20 +144,20 @@ with DAG(
     def run_corrections() -> dict[str, Any]:
         """One allo-batch run; a retry resumes it."""
         context = get_current_context()
-        params = context["params"]
-        spec = JOBS / params["job"]
-        key, base_url = credentials()
+        dag_run = context.get("dag_run")
+        conf = (dag_run.conf if dag_run is not None else None) or {}
+        # Checked before the key is read: a refused trigger fails for good and touches nothing.
+        try:
+            request = checked_request(conf, context["params"], JOBS)
+            key_env = key_variable(request.spec)
+        except ConfError as exc:
+            # from None: the message says it all; a chained traceback would only repeat it.
+            raise AirflowFailException(str(exc)) from None
+        key, connection_url = credentials()
         ds = context.get("ds") or pendulum.now("UTC").to_date_string()
-        command = [ALLO_BATCH, "run", "--job", str(spec), "--ds", ds]
-        command += ["--json", "--log-format", "json", "--no-progress"]
-        if params.get("input"):
-            command.append(params["input"])
-        if params.get("output"):
-            command += ["-o", params["output"]]
-        if base_url:
-            command += ["--base-url", base_url]
-        env = {**os.environ, key_variable(spec): key}
-        code, summaries = run_allo_batch(command, env)
+        args = command(ALLO_BATCH, request, ds=ds, base_url=base_url(connection_url, os.environ))
+        env = {**os.environ, key_env: key}
+        code, summaries = run_allo_batch(args, env)
         if code == 0:
             return {"runs": summaries}
         detail = "; ".join(
@@ -156,7 +167,11 @@ with DAG(
         if code in FAILED_FOR_GOOD:
             msg = f"allo-batch exit {code}: {FAILED_FOR_GOOD[code]}. {detail}".rstrip()
             raise AirflowFailException(msg)
-        msg = f"allo-batch exit {code}: stopped early; a retry resumes. {detail}".rstrip()
+        if code in INTERNAL:
+            what = "internal error, report a bug with the saved traceback (see the log)"
+        else:
+            what = "stopped early"
+        msg = f"allo-batch exit {code}: {what}; a retry resumes. {detail}".rstrip()
         raise AirflowException(msg)
 
     run_corrections()
