@@ -79,6 +79,8 @@ def _crash(exc: Exception) -> NoReturn:
 
 def _option_decorator(option: Option) -> Callable[[F], F]:
     """One click option from the table in ``allo_batch.options``."""
+    if option.kind == "flag":
+        return click.option(option.flag, option.name, is_flag=True, default=None, help=option.help)
     kind: Any = str
     if option.choices:
         kind = click.Choice(option.choices)
@@ -112,86 +114,60 @@ _column_option = click.option(
 )
 
 
+def _path(**kind: Any) -> click.Path:
+    return click.Path(path_type=Path, **kind)
+
+
+_FILE = _path(exists=True, dir_okay=False)
+# fmt: off
+_RUN_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [  # not in the table
+    (["-o", "--output"], {"type": _path(), "help": "Result file (.parquet, .csv, .ndjson) "
+     "[default: <INPUT stem>.results.parquet beside INPUT]."}),
+    (["--api-key-file"], {"type": _path(), "help": "File holding the API key alone on one "
+     "line [default: env ALLO_API_KEY]."}),
+    (["--dry-run"], {"is_flag": True, "help": "Read, validate, plan and (with a key) read the "
+     "targets; send nothing; still write the result file."}),
+    (["--force"], {"is_flag": True, "help": "Write into an --output that holds results of a "
+     "different input."}),
+    (["--sandbox", "use_sandbox"], {"is_flag": True, "help": "Run against an embedded "
+     "simulator on a free loopback port."}),
+    (["--sandbox-world"], {"type": _FILE, "help": "With --sandbox: a world JSON instead of "
+     "seeding from the input."}),
+    (["--sandbox-rate"], {"type": click.IntRange(min=1), "default": 5, "show_default": True,
+     "help": "With --sandbox: the simulated key's writes per second."}),
+    (["--sandbox-faults"], {"help": "With --sandbox: fault spec (`allo-batch sandbox -h`)."}),
+    (["--sandbox-persona"], {"default": "documented", "show_default": True,
+     "help": "With --sandbox: how it answers where the docs are silent."}),
+    (["--sandbox-seed"], {"type": int, "default": 0, "show_default": True,
+     "help": "With --sandbox: seed for faults."}),
+    (["--progress/--no-progress"], {"default": None, "help": "Progress bar [default: on when "
+     "stderr is a terminal]."}),
+    (["--json", "as_json"], {"is_flag": True, "help": "Print the run summary as one JSON "
+     "object on stdout."}),
+    (["--job", "job_file"], {"type": _path(dir_okay=False), "help": "Job spec (TOML, see "
+     "jobs/); options given here override it."}),
+    (["--ds"], {"envvar": "ALLO_BATCH_DS", "type": click.DateTime(formats=["%Y-%m-%d"]),
+     "help": "With --job: the date of {ds} [env ALLO_BATCH_DS; default: today]."}),
+]
+# fmt: on
+
+
+def _declared(options: list[tuple[list[str], dict[str, Any]]]) -> Callable[[F], F]:
+    """Click options from a compact table (declarations, keywords)."""
+
+    def decorate(function: F) -> F:
+        for declarations, keywords in reversed(options):
+            function = click.option(*declarations, **keywords)(function)
+        return function
+
+    return decorate
+
+
 @cli.command()
-@click.argument("input_path", metavar="[INPUT]", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    help="Result file "
-    "(.parquet, .csv, .ndjson) [default: <INPUT stem>.results.parquet beside INPUT].",
-)
+@click.argument("input_path", metavar="[INPUT]", required=False, type=_path())
 @_column_option
-@click.option(
-    "--api-key-file",
-    type=click.Path(path_type=Path),
-    help="File holding the API key alone on one line [default: env ALLO_API_KEY].",
-)
 @_table_options
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Read, validate and plan; send nothing; still write the result file.",
-)
-@click.option(
-    "--force", is_flag=True, help="Write into an --output that holds results of a different input."
-)
-@click.option(
-    "--sandbox",
-    "use_sandbox",
-    is_flag=True,
-    help="Run against an embedded simulator on a free loopback port.",
-)
-@click.option(
-    "--sandbox-world",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="With --sandbox: a world JSON instead of seeding from the input.",
-)
-@click.option(
-    "--sandbox-rate",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="With --sandbox: the simulated key's writes per second.",
-)
-@click.option(
-    "--sandbox-faults",
-    default=None,
-    help="With --sandbox: fault spec (see `allo-batch sandbox --help`).",
-)
-@click.option(
-    "--sandbox-persona",
-    default="documented",
-    show_default=True,
-    help="With --sandbox: how it answers where the docs are silent (`allo-batch sandbox -h`).",
-)
-@click.option(
-    "--sandbox-seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="With --sandbox: seed for faults.",
-)
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bar [default: on when stderr is a terminal].",
-)
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print the run summary as one JSON object on stdout."
-)
-@click.option(
-    "--job",
-    "job_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Job spec (TOML, see jobs/); options given here override it.",
-)
-@click.option(
-    "--ds",
-    envvar="ALLO_BATCH_DS",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    help="With --job: the date of {ds} [env ALLO_BATCH_DS; default: today].",
-)
+@_declared(_RUN_OPTIONS)
 def run(
     input_path: Path | None,
     output: Path | None,
@@ -239,7 +215,8 @@ def run(
                 output=output,
                 job=job_file,
                 ds=ds.date() if ds else None,
-                options=RunOptions(**cast(dict[str, Any], table)),
+                # An absent flag is "not given" (a spec may set it), not False.
+                options=RunOptions(**{k: v for k, v in table.items() if v is not False}),  # type: ignore[arg-type]
                 columns=parse_column_mapping(columns),
                 api_key_file=None if use_sandbox else api_key_file,
                 dry_run=dry_run,

@@ -89,6 +89,8 @@ class JobConfig:
     max_errors: int | None = None
     limit: int | None = None
     auth: AuthForm = "auto"
+    write_always: bool = False
+    blind: bool = False
     dry_run: bool = False
     force: bool = False
     batch_size: int = 20_000

@@ -365,6 +365,8 @@ def _config(
         max_errors=options.max_errors,
         limit=options.limit,
         auth=options.auth or "auto",
+        write_always=bool(options.write_always),
+        blind=bool(options.blind),
         dry_run=request.dry_run,
         force=request.force,
         progress=request.progress,

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Final, Literal
 
-Status = Literal["updated", "skipped", "invalid", "failed", "not_sent"]
-STATUSES: Final[tuple[Status, ...]] = ("updated", "skipped", "invalid", "failed", "not_sent")
+Status = Literal["updated", "unchanged", "skipped", "conflict", "invalid", "failed", "not_sent"]
+STATUSES: Final[tuple[Status, ...]] = (
+    "updated",
+    "unchanged",
+    "skipped",
+    "conflict",
+    "invalid",
+    "failed",
+    "not_sent",
+)
+#: Statuses that leave a row's target holding its content: the exit code stays 0.
+SUCCESS: Final[tuple[Status, ...]] = ("updated", "unchanged", "skipped")
 
 # Columns of the working frames that pass between read, validate and plan.
 ROW: Final = "row"
@@ -32,6 +43,10 @@ Reason = Literal[
     "in_flight",  # not_sent: cut off in flight by a stop; may have landed, resent next time
     "landed_earlier",  # skipped: an earlier run of this output landed this content
     "repeat",  # skipped: the same target and content as an earlier row of this input
+    "already_right",  # unchanged: a certain read showed the target holds this content
+    "changed_since",  # conflict: the target no longer holds what the run wrote (undo)
+    "uncertain",  # skipped by undo: the before-image could not be tied to the template
+    "no_before_image",  # skipped by undo: nothing to put back (the target had no summary)
 ]
 #: Reasons of rows left unsent on purpose: they do not make the exit code non-zero.
 DEFERRED_REASONS: Final[tuple[Reason, ...]] = ("dry_run", "limit")
@@ -55,6 +70,11 @@ RESULT_COLUMNS: Final = (
 _columns = attrgetter(*RESULT_COLUMNS)
 
 
+def content_sha256(content: str | None) -> str:
+    """The hash recorded for a row's content (of the empty string when missing)."""
+    return hashlib.sha256((content or "").encode()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedRequest:
     """One PATCH to send: the row it comes from and its body, serialised once."""
@@ -64,6 +84,8 @@ class PlannedRequest:
     template_key: str | None
     content_sha256: str
     body: bytes
+    #: Write only if the target holds content of this hash (``undo``: what the run wrote).
+    expected_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,8 +129,10 @@ class RunSummary:
     by_status: dict[str, int] = field(default_factory=dict)
     by_error_code: dict[str, int] = field(default_factory=dict)
     requests: int = 0
+    reads: int = 0
     rate_limited: int = 0
     in_doubt_resent: int = 0
+    changes: dict[str, int] = field(default_factory=dict)
     rate_limit: float | None = None
     achieved_rate: float | None = None
     latency_p50_ms: float | None = None

@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 from allo_batch.errors import UsageError
 
-Kind = Literal["string", "number", "integer", "choice"]
+Kind = Literal["string", "number", "integer", "choice", "flag"]
 InputFormat = Literal["csv", "parquet", "ndjson"]
 LogFormat = Literal["text", "json"]
 AuthForm = Literal["auto", "prefixed", "bare"]
@@ -46,6 +46,8 @@ class Option:
         """The accepted values in words, for error messages."""
         if self.choices:
             return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == "flag":
+            return "true or false"
         text = {"string": "a string", "number": "a number", "integer": "an integer"}[self.kind]
         if self.low is not None and self.high is not None:
             return f"{text} from {self.low:g} to {self.high:g}"
@@ -55,6 +57,8 @@ class Option:
 
     def has_kind(self, value: object) -> bool:
         """Whether ``value`` is of this option's type (whatever its range)."""
+        if self.kind == "flag":
+            return isinstance(value, bool)
         if isinstance(value, bool):  # True is an int to Python, never a number here
             return False
         if self.kind in ("string", "choice"):
@@ -69,6 +73,8 @@ class Option:
             return True
         if not self.has_kind(value):
             return False
+        if isinstance(value, bool):
+            return True
         if isinstance(value, str):
             return not self.choices or value in self.choices
         assert isinstance(value, int | float)
@@ -153,6 +159,18 @@ RUN_OPTIONS: Final = (
         "(prefixed, and the bare key once if /me refuses it with 401).",
     ),
     Option(
+        name="write_always",
+        kind="flag",
+        help="Write every row, even where a read shows the target already holds its content "
+        "(before-images are still kept).",
+    ),
+    Option(
+        name="blind",
+        kind="flag",
+        help="Write without reading first: no before-images, no undo, nothing skipped as "
+        "unchanged (for a key without CONVERSATIONS_READ).",
+    ),
+    Option(
         name="log_format",
         kind="choice",
         choices=("text", "json"),
@@ -188,6 +206,8 @@ class RunOptions:
     max_outage: float | None = None
     limit: int | None = None
     auth: AuthForm | None = None
+    write_always: bool | None = None
+    blind: bool | None = None
     log_format: LogFormat | None = None
     log_interval: float | None = None
 

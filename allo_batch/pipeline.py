@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from allo_batch.config import JobConfig, check_base_url
-from allo_batch.constants import DEFAULT_WRITE_PER_SECOND, WRITE_SCOPE
+from allo_batch.constants import (
+    DEFAULT_WRITE_PER_SECOND,
+    MAX_BATCH_IDS,
+    READ_SCOPE,
+    WRITE_SCOPE,
+)
 from allo_batch.errors import (
     AlloBatchError,
     AuthRefusedError,
@@ -32,6 +37,7 @@ from allo_batch.errors import (
     UsageError,
 )
 from allo_batch.lock import OutputLock
+from allo_batch.look import CallFacts, Looked, Looker, dry_run_result
 from allo_batch.models import (
     CODE,
     MESSAGE,
@@ -50,7 +56,7 @@ from allo_batch.read import (
     key_batches,
     open_input,
 )
-from allo_batch.record import Recorder, load_earlier, output_format
+from allo_batch.record import BeforeImages, Recorder, load_earlier, output_format
 from allo_batch.report import NullReporter, Reporter, exit_code_for
 from allo_batch.validate import (
     Duplicates,
@@ -78,6 +84,7 @@ class _Prepared:
     duplicates: Duplicates
     done: pl.DataFrame
     in_doubt: int
+    two_templates: set[str] = field(default_factory=set)  # earlier: KEY_REQUIRED answers
 
     @property
     def total(self) -> int:
@@ -86,7 +93,7 @@ class _Prepared:
     def planned_batches(self, config: JobConfig) -> Iterator[list[Planned]]:
         for batch in iter_batches(self.source, config.batch_size):
             checked = attach_done(validate_batch(batch, self.duplicates), self.done)
-            yield list(plan_batch(checked, dry_run=config.dry_run, limit=config.limit))
+            yield list(plan_batch(checked, limit=config.limit))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +228,9 @@ def _prepare(config: JobConfig, output: Path) -> _Prepared:
     identity, duplicates = survey(source, config.batch_size, config.limit)
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)
-    return _Prepared(source, identity, duplicates, earlier.done, earlier.in_doubt)
+    return _Prepared(
+        source, identity, duplicates, earlier.done, earlier.in_doubt, earlier.two_templates
+    )
 
 
 def _check_same_input(
@@ -248,9 +257,10 @@ def _check_same_input(
 
 @dataclass(slots=True)
 class _Sending:
-    """What the send phase leaves for the summary."""
+    """What the connected phase leaves for the summary."""
 
     sender: Sender | None = None
+    looker: Looker | None = None
     rate: float | None = None
     auth_form: str | None = None
 
@@ -264,10 +274,10 @@ async def _execute(
     )
     sending = _Sending()
     try:
-        if config.dry_run:
-            await _produce(prepared.planned_batches(config), recorder, None, None)
+        if config.api_key is None:  # a dry run without a key plans, reading nothing
+            await _produce(prepared.planned_batches(config), recorder, None, dry_run=True)
         else:
-            await _send_all(config, prepared, recorder, reporter, transport, sending)
+            await _connected(config, prepared, recorder, reporter, transport, sending)
     except BaseException:
         recorder.abandon()
         raise
@@ -280,14 +290,30 @@ async def _execute(
         timeline=sender.stats.timeline.as_dict() if sender is not None else None,
         auth_form=sending.auth_form,
     )
-    stop = sender.stop_error if sender is not None else None
+    stop = sender.stop_error if sender is not None and not config.dry_run else None
     if stop is not None:
         stop.summary = summary
         raise stop
     return summary
 
 
-async def _send_all(
+class _Reported:
+    """What the sender reports goes to the recorder, and teaches the look stage about calls."""
+
+    def __init__(self, recorder: Recorder, facts: CallFacts | None) -> None:
+        self._recorder = recorder
+        self._facts = facts
+
+    def sending(self, request: PlannedRequest, request_id: str) -> None:
+        self._recorder.sending(request, request_id)
+
+    def finished(self, result: RowResult) -> None:
+        if self._facts is not None:
+            self._facts.learn(result)
+        self._recorder.finished(result)
+
+
+async def _connected(
     config: JobConfig,
     prepared: _Prepared,
     recorder: Recorder,
@@ -295,80 +321,181 @@ async def _send_all(
     transport: Any,
     sending: _Sending,
 ) -> None:
+    """Everything that talks to the API: /me, the look stage's reads, the writes."""
     from allo_batch.client import AlloClient, http_lanes, make_http_client
     from allo_batch.ratelimit import Pacer, WindowWatch
     from allo_batch.send import Sender
 
-    assert config.api_key is not None  # checked before the lock was taken
+    assert config.api_key is not None
     # The worker count (one client each) comes from the rate, which /me tells: ask it first.
     async with make_http_client(timeout=config.timeout, transport=transport) as http:
         probe = AlloClient(http, config.base_url, config.api_key, auth=config.auth)
-        rate, refusal = await _preflight(probe, config)
+        checked = await _preflight(probe, config)
         sending.auth_form = probe.auth_form
-    sending.rate = rate
-    workers = config.workers(rate)
-    async with http_lanes(workers=workers, timeout=config.timeout, transport=transport) as lanes:
+    sending.rate = checked.rate
+    workers = 1 if config.dry_run else config.workers(checked.rate)
+    reading = not config.blind and checked.refusal is None
+    lanes_needed = workers + 1  # the last lane is the look stage's
+    async with http_lanes(
+        workers=lanes_needed, timeout=config.timeout, transport=transport
+    ) as lanes:
         auth = probe.auth_form or config.auth
         client = AlloClient(lanes, config.base_url, config.api_key, auth=auth)
-        pacer = Pacer(rate / (1.0 + config.jitter_margin))
+        pacer = Pacer(checked.rate / (1.0 + config.jitter_margin))
+        facts = CallFacts(set(prepared.two_templates), set())
         sender = Sender(
             client,
             pacer,
-            recorder,
+            _Reported(recorder, facts),
             policy=config.retry,
             max_errors=config.max_errors,
             watch=WindowWatch(pacer),
         )
         sending.sender = sender
-        if refusal is not None:
-            sender.stop(refusal, grace=0)
-        send, receive = anyio.create_memory_object_stream[PlannedRequest](workers * 4)
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(sender.enforce_grace)
-            outer.start_soon(_tick, reporter, recorder, sender)
-            if threading.current_thread() is threading.main_thread():
-                outer.start_soon(_watch_signals, sender)
-            async with anyio.create_task_group() as inner:
+        if checked.refusal is not None:
+            if not config.dry_run:
+                sender.stop(checked.refusal, grace=0)
+            else:
+                log.warning("dry run without reads: %s", checked.refusal.message)
+        looker = None
+        if reading:
+            before = None if config.dry_run else BeforeImages(config.output_path, _run_id())
+            looker = Looker(
+                lambda ids: sender.read_items(ids, lane=workers),
+                facts,
+                settle=recorder.planned,
+                keep=_keeper(before),
+                write_always=config.write_always,
+                dry_run=config.dry_run,
+                stopping=lambda: sender.stopping,
+            )
+            sending.looker = looker
+        await _flow(config, prepared, recorder, reporter, sender, looker, workers)
+        if looker is not None and before is not None:
+            before.compact()
+
+
+def _keeper(before: BeforeImages | None) -> Callable[[list[Looked]], None]:
+    """Where the look stage's before-images go: durably to disk (a dry run keeps none)."""
+    if before is None:
+        return lambda items: None
+    return lambda items: before.write([item.before_image() for item in items])
+
+
+async def _flow(
+    config: JobConfig,
+    prepared: _Prepared,
+    recorder: Recorder,
+    reporter: Reporter,
+    sender: Sender,
+    looker: Looker | None,
+    workers: int,
+) -> None:
+    """produce → (look) → send, each a task joined by bounded streams, in input order."""
+    send, receive = anyio.create_memory_object_stream[PlannedRequest](workers * 4)
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(sender.enforce_grace)
+        outer.start_soon(_tick, reporter, recorder, sender)
+        if threading.current_thread() is threading.main_thread():
+            outer.start_soon(_watch_signals, sender)
+        async with anyio.create_task_group() as inner:
+            if config.dry_run:
+                inner.start_soon(_record_dry, receive, recorder)
+            else:
                 inner.start_soon(sender.run, receive, workers)
-                async with send:
-                    await _produce(prepared.planned_batches(config), recorder, send, sender)
-            outer.cancel_scope.cancel()
-        _tick_once(reporter, recorder, sender)
+            if looker is not None:
+                into_look, look_from = anyio.create_memory_object_stream[PlannedRequest](
+                    MAX_BATCH_IDS * 2
+                )
+                inner.start_soon(looker.run, look_from, send)
+                send = into_look
+            dry_without_reads = config.dry_run and looker is None
+            async with send:
+                await _produce(
+                    prepared.planned_batches(config),
+                    recorder,
+                    None if dry_without_reads else send,
+                    sender,
+                    dry_run=dry_without_reads,
+                )
+            if dry_without_reads:
+                send.close()
+        outer.cancel_scope.cancel()
+    _tick_once(reporter, recorder, sender)
 
 
-async def _preflight(client: AlloClient, config: JobConfig) -> tuple[float, AlloBatchError | None]:
+async def _record_dry(
+    receive: MemoryObjectReceiveStream[PlannedRequest], recorder: Recorder
+) -> None:
+    """A dry run's end of the line: what would be sent is recorded as such."""
+    async with receive:
+        async for request in receive:
+            recorder.planned(dry_run_result(request))
+
+
+def _run_id() -> str:
+    """``<UTC time>-<pid>``: run ids sort in time, and two runs never share one."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Preflight:
+    rate: float
+    refusal: AlloBatchError | None = None
+
+
+async def _preflight(client: AlloClient, config: JobConfig) -> _Preflight:
     """Ask ``/me`` for the key's write limit and scopes before sending anything."""
     answer = await client.me()
     fallback = config.rate or float(DEFAULT_WRITE_PER_SECOND)
     if answer.http_status in (401, 403):
-        return fallback, AuthRefusedError(
-            f"the API refused the key: {answer.error_code} (HTTP {answer.http_status})"
+        return _Preflight(
+            fallback,
+            AuthRefusedError(
+                f"the API refused the key: {answer.error_code} (HTTP {answer.http_status})"
+            ),
         )
     data = answer.data if answer.kind == "ok" else None
     if data is None:
-        return fallback, None
+        return _Preflight(fallback)
     scopes = data.get("scopes")
-    if isinstance(scopes, list) and WRITE_SCOPE not in scopes:
-        return fallback, AuthRefusedError(
-            f"the key lacks the {WRITE_SCOPE} scope (it has: {', '.join(map(str, scopes))})"
-        )
+    if isinstance(scopes, list):
+        needed = [WRITE_SCOPE] + ([] if config.blind else [READ_SCOPE])
+        missing = [scope for scope in needed if scope not in scopes]
+        if missing:
+            return _Preflight(fallback, AuthRefusedError(_scope_message(missing, scopes)))
     limits = data.get("rate_limits")
     limit = limits.get("write_per_second") if isinstance(limits, dict) else None
     if config.rate:
-        return config.rate, None
+        return _Preflight(config.rate)
     if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
-        return float(limit), None
-    return fallback, None
+        return _Preflight(float(limit))
+    return _Preflight(fallback)
+
+
+def _scope_message(missing: list[str], scopes: list[Any]) -> str:
+    has = ", ".join(map(str, scopes)) or "none"
+    text = f"the key lacks the {' and '.join(missing)} scope (it has: {has})"
+    if READ_SCOPE in missing and WRITE_SCOPE not in missing:
+        text += (
+            "; allo-batch reads each target before writing it (before-images for undo, rows "
+            "already right skipped): grant CONVERSATIONS_READ, or pass --blind to write "
+            "without reading"
+        )
+    return text
 
 
 async def _produce(
     batches: Iterator[list[Planned]],
     recorder: Recorder,
     send: MemoryObjectSendStream[PlannedRequest] | None,
-    sender: Sender | None,
+    sender: Sender | None = None,
+    *,
+    dry_run: bool = False,
 ) -> None:
-    """Walk the planned batches in order; settled rows go to the recorder, requests to the
-    workers (or, once the run stops, to the recorder as not sent)."""
+    """Walk the planned batches in order; settled rows go to the recorder, requests down the
+    stream (or, in a dry run without reads, to the recorder as what would be sent; once the
+    run stops, as not sent)."""
     from allo_batch.send import not_sent
 
     while True:
@@ -378,9 +505,10 @@ async def _produce(
         for item in items:
             if isinstance(item, RowResult):
                 recorder.planned(item)
-            elif send is None or sender is None or sender.stopping:
-                message = sender.stop_message() if sender is not None else "not sent"
-                recorder.planned(not_sent(item, message))
+            elif dry_run or send is None:
+                recorder.planned(dry_run_result(item))
+            elif sender is not None and sender.stopping:
+                recorder.planned(not_sent(item, sender.stop_message()))
             else:
                 try:
                     send.send_nowait(item)
@@ -444,8 +572,11 @@ def _summarize(
         in_doubt_resent=prepared.in_doubt if sender is not None else 0,
         auth_form=sending.auth_form,
     )
+    if sending.looker is not None:
+        summary.changes = dict(sending.looker.changes)
     if sender is not None:
         stats = sender.stats
+        summary.reads = stats.reads
         summary.requests = stats.requests
         summary.rate_limited = stats.rate_limited
         achieved = stats.achieved_rate()

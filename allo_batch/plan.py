@@ -6,7 +6,6 @@ Each row becomes either a final :class:`RowResult` (invalid, skipped) or a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -18,17 +17,13 @@ from allo_batch.models import (
     REPEAT_OF,
     PlannedRequest,
     RowResult,
+    content_sha256,
 )
 
 if TYPE_CHECKING:
     import polars as pl
 
 Planned = RowResult | PlannedRequest
-
-
-def content_sha256(content: str | None) -> str:
-    """The hash recorded for a row's content (of the empty string when missing)."""
-    return hashlib.sha256((content or "").encode()).hexdigest()
 
 
 def request_body(content: str, template_key: str | None) -> bytes:
@@ -48,6 +43,7 @@ def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
     )
     if done.height == 0:
         return hashed.with_columns(
+            pl.lit(False).alias("done"),
             pl.lit(None, pl.Int64).alias("done_version"),
             pl.lit(None, pl.String).alias("done_updated_at"),
             pl.lit(None, pl.String).alias("done_request_id"),
@@ -62,16 +58,18 @@ def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
                 pl.col("version").alias("done_version"),
                 pl.col("updated_at").alias("done_updated_at"),
                 pl.col("request_id").alias("done_request_id"),
+                pl.lit(True).alias("done"),
             ),
             on=["call_id", "_target", "content_sha256"],
             how="left",
             maintain_order="left",
         )
         .drop("_target")
+        .with_columns(pl.col("done").fill_null(False))
     )
 
 
-def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iterator[Planned]:
+def plan_batch(batch: pl.DataFrame, *, limit: int | None) -> Iterator[Planned]:
     """Turn a validated batch (with :func:`attach_done` columns) into results and requests."""
     for (
         row,
@@ -82,6 +80,7 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
         message,
         repeat_of,
         sha,
+        done,
         done_version,
         done_at,
         done_rid,
@@ -94,6 +93,7 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
         MESSAGE,
         REPEAT_OF,
         "content_sha256",
+        "done",
         "done_version",
         "done_updated_at",
         "done_request_id",
@@ -101,7 +101,7 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
         common = {"row": row, "call_id": call_id, "template_key": template_key}
         # What landed earlier comes first: no later run (a --limit canary, a dry run) may
         # turn a landed row back into one that would be sent again.
-        if done_version is not None and code is None:
+        if done and code is None:
             yield RowResult(
                 **common,
                 status="skipped",
@@ -132,15 +132,6 @@ def plan_batch(batch: pl.DataFrame, *, dry_run: bool, limit: int | None) -> Iter
                 content_sha256=sha,
                 message=f"same call, template and content as row {repeat_of}",
                 reason="repeat",
-            )
-        elif dry_run:
-            yield RowResult(
-                **common,
-                status="not_sent",
-                content_sha256=sha,
-                retryable=True,
-                message="dry run: would be sent",
-                reason="dry_run",
             )
         else:
             yield PlannedRequest(

@@ -216,6 +216,7 @@ class Earlier:
     in_doubt: int
     inputs: list[dict[str, Any]]
     torn_lines: int
+    two_templates: set[str]  # calls an earlier answer said have two completed summaries
 
 
 def load_earlier(output: Path) -> Earlier:
@@ -248,7 +249,11 @@ def load_earlier(output: Path) -> Earlier:
     sidecar = read_sidecar(output) if previous is not None else {}
     if isinstance(sidecar.get("input"), dict):
         inputs.insert(0, sidecar["input"])
-    return Earlier(done, in_doubt, inputs, facts.torn_lines)
+    two = set()
+    if previous is not None:
+        refused = previous.filter(pl.col("error_code") == "SUMMARY_TEMPLATE_KEY_REQUIRED")
+        two = set(refused["call_id"].drop_nulls().to_list())
+    return Earlier(done, in_doubt, inputs, facts.torn_lines, two)
 
 
 def _done_index(previous: pl.DataFrame | None, journal: JournalFacts) -> pl.DataFrame:
@@ -259,8 +264,10 @@ def _done_index(previous: pl.DataFrame | None, journal: JournalFacts) -> pl.Data
     schema = {k: v for k, v in result_schema().items() if k in columns}
     parts: list[pl.DataFrame] = []
     if previous is not None:
-        landed = (pl.col("status") == "updated") | (
-            (pl.col("status") == "skipped") & pl.col("version").is_not_null()
+        # Landed: written, found already right, or carried over from a run that did either.
+        carried = pl.col("version").is_not_null() | (pl.col("reason") == "landed_earlier")
+        landed = pl.col("status").is_in(["updated", "unchanged"]) | (
+            (pl.col("status") == "skipped") & carried.fill_null(False)
         )
         parts.append(previous.lazy().filter(landed).select(columns).collect())
     if journal.updated:
@@ -503,3 +510,114 @@ class Recorder:
             self.deferred += 1
         if result.error_code:
             self.codes[result.error_code] += 1
+
+
+def before_dir(output: Path) -> Path:
+    """Where the before-images of ``output``'s runs live (owner-only: customer content)."""
+    return output.with_name(output.name + ".before")
+
+
+def before_schema() -> dict[str, Any]:
+    """The before-images' polars schema: one row per row about to be written."""
+    import polars as pl
+
+    return {
+        "row": pl.Int64,
+        "call_id": pl.String,
+        "template_key": pl.String,
+        "found": pl.String,  # summary, no_summary or not_found
+        "content": pl.String,  # what the target held just before this run changed it
+        "content_sha256": pl.String,  # of that content (null without one)
+        "written_sha256": pl.String,  # what the row was about to write
+        "certain": pl.Boolean,  # the read surely showed this row's target (look.py)
+        "run": pl.String,  # the run that read it, ``<UTC time>-<pid>``: they sort in time
+        "seq": pl.Int64,  # order within the run
+    }
+
+
+class BeforeImages:
+    """Chunks of before-images, each durable on disk before its rows' PATCHes go out.
+
+    A chunk is a Parquet file written whole (temporary name, fsync, rename, fsync of the
+    folder), so ``kill -9`` at any moment leaves complete chunks only, and a row is handed to
+    the sender only after its chunk is on disk. At the end of a run (and by the next run, after
+    a crash) a run's chunks are merged into one file. ``polars.scan_parquet(<dir>/*.parquet)``
+    reads them all.
+    """
+
+    def __init__(self, output: Path, run: str) -> None:
+        self.folder = before_dir(output)
+        self.run = run
+        self._seq = 0
+        self._chunks: list[Path] = []
+        if self.folder.is_symlink():
+            msg = f"{self.folder}: is a symbolic link; allo-batch does not write through links"
+            raise UsageError(msg)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Make ``rows`` durable (one chunk) before the caller lets them be sent."""
+        import polars as pl
+
+        if not rows:
+            return
+        for row in rows:
+            row["run"] = self.run
+            row["seq"] = self._seq
+            self._seq += 1
+        frame = pl.DataFrame(rows, schema=before_schema())
+        final = self.folder / f"{self.run}.{len(self._chunks):08d}.chunk.parquet"
+        _write_durably(frame, final)
+        self._chunks.append(final)
+
+    def compact(self) -> None:
+        """Merge every run's chunks into one file per run (few files, same content)."""
+        import polars as pl
+
+        runs = sorted({p.name.split(".", 1)[0] for p in self.folder.glob("*.chunk.parquet")})
+        for run in runs:
+            chunks = sorted(self.folder.glob(f"{run}.*.chunk.parquet"))
+            merged = self.folder / f"{run}.parquet"
+            if merged.exists():  # a merge was cut short after its rename: chunks are copies
+                chunks = [c for c in chunks if c != merged]
+            else:
+                temp = self.folder / f".{run}.merge.tmp"
+                pl.scan_parquet(chunks).sink_parquet(temp)
+                _fsync_path(temp)
+                os.chmod(temp, 0o600)
+                os.replace(temp, merged)
+                _fsync_path(self.folder)
+            for chunk in chunks:
+                chunk.unlink()
+        self._chunks.clear()
+
+
+def read_before_images(output: Path) -> pl.DataFrame:
+    """Every before-image of ``output``'s runs, oldest run first (empty when none)."""
+    import polars as pl
+
+    folder = before_dir(output)
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        return pl.DataFrame(schema=before_schema())
+    return pl.read_parquet(files).sort("run", "seq")
+
+
+def _write_durably(frame: pl.DataFrame, final: Path) -> None:
+    temp = final.with_name(f".{final.name}.tmp")
+    fd = open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as handle:
+        frame.write_parquet(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    _fsync_path(final.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from allo_batch.models import DEFERRED_REASONS, STATUSES, InputCheck, RunSummary
+from allo_batch.models import DEFERRED_REASONS, STATUSES, SUCCESS, InputCheck, RunSummary
 
 
 class Reporter(Protocol):
@@ -336,8 +336,9 @@ def summarize_file(path: Path) -> RunSummary:
 
 
 def exit_code_for(by_status: dict[str, int], *, deferred: int = 0) -> int:
-    """0 when every row is updated or skipped (``deferred`` not_sent rows aside), else 1."""
-    not_done = sum(by_status.get(s, 0) for s in ("invalid", "failed", "not_sent")) - deferred
+    """0 when every row's target holds its content (updated, unchanged, skipped), the
+    ``deferred`` not_sent rows aside; else 1."""
+    not_done = sum(n for s, n in by_status.items() if s not in SUCCESS) - deferred
     return 1 if not_done > 0 else 0
 
 

@@ -6,8 +6,8 @@ import json
 
 import polars as pl
 
-from allo_batch.models import PlannedRequest, RowResult
-from allo_batch.plan import attach_done, content_sha256, plan_batch, request_body
+from allo_batch.models import PlannedRequest, RowResult, content_sha256
+from allo_batch.plan import attach_done, plan_batch, request_body
 from allo_batch.validate import duplicates_in, validate_batch
 
 DONE_SCHEMA = {
@@ -30,12 +30,11 @@ def planned(
     frame: pl.DataFrame,
     done: pl.DataFrame | None = None,
     *,
-    dry_run: bool = False,
     limit: int | None = None,
 ) -> list[RowResult | PlannedRequest]:
     checked = validate_batch(frame, duplicates_in(frame))
     landed = done if done is not None else pl.DataFrame(schema=DONE_SCHEMA)
-    return list(plan_batch(attach_done(checked, landed), dry_run=dry_run, limit=limit))
+    return list(plan_batch(attach_done(checked, landed), limit=limit))
 
 
 def test_each_row_becomes_a_request_or_a_final_result_in_order() -> None:
@@ -73,7 +72,7 @@ def test_content_that_landed_earlier_is_skipped_with_its_version() -> None:
     assert isinstance(edited, PlannedRequest)
 
 
-def test_a_limit_or_dry_run_never_turns_a_landed_row_back_into_one_to_send() -> None:
+def test_a_limit_never_turns_a_landed_row_back_into_one_to_send() -> None:
     """A --limit canary after a full run keeps every landed row skipped with its version, and
     rows beyond the limit are deferred with a reason (not failures)."""
     done = pl.DataFrame(
@@ -93,10 +92,6 @@ def test_a_limit_or_dry_run_never_turns_a_landed_row_back_into_one_to_send() -> 
     ]
     assert all(r.version == 2 for r in rows[:4] if isinstance(r, RowResult))
     assert {r.reason for r in rows[4:] if isinstance(r, RowResult)} == {"limit"}
-    dry = planned(frame, done, dry_run=True)
-    assert [r.reason for r in dry if isinstance(r, RowResult)] == ["landed_earlier"] * 4 + [
-        "dry_run"
-    ] * 2
 
 
 def test_the_body_leaves_out_an_empty_template_and_keeps_unicode() -> None:
