@@ -243,6 +243,7 @@ class Looker:
         write_always: bool = False,
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
+        failed: Callable[[str], None] | None = None,
     ) -> None:
         self._read = read
         self.facts = facts
@@ -251,6 +252,7 @@ class Looker:
         self._write_always = write_always
         self._dry_run = dry_run
         self._stopping = stopping
+        self._failed = failed
         self.reads = 0
         self.changes: dict[str, int] = {}
 
@@ -281,6 +283,11 @@ class Looker:
         try:
             current = await read_current(self.counted_read, (r.call_id for r in chunk))
         except ReadStoppedError:
+            return chunk
+        except ReadFailedError as error:
+            if self._failed is None:
+                raise
+            self._failed(str(error))  # the run stops: these rows go on to become not_sent
             return chunk
         _learn_from_chunk(self.facts, chunk)
         looked = look(chunk, current, self.facts)

@@ -30,6 +30,7 @@ from allo_batch.constants import (
 )
 from allo_batch.errors import (
     AlloBatchError,
+    ApiUnavailableError,
     AuthRefusedError,
     ExitCode,
     InterruptedRunError,
@@ -368,6 +369,7 @@ async def _connected(
                 write_always=config.write_always,
                 dry_run=config.dry_run,
                 stopping=lambda: sender.stopping,
+                failed=lambda why: sender.stop(ApiUnavailableError(why)),
             )
             sending.looker = looker
         await _flow(config, prepared, recorder, reporter, sender, looker, workers)
