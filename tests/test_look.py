@@ -261,11 +261,11 @@ def test_reads_are_matched_by_id_whatever_the_api_does(
 ) -> None:
     """Any order, duplicates, unknown ids left out or refusing the whole batch: each call gets
     what it holds, unknown ones are not_found, and a refused batch costs only a few reads."""
+    import dataclasses
+
     from allo_batch.client import AlloClient
     from allo_batch.config import Secret
     from allo_batch.sandbox.personas import PERSONAS
-
-    import dataclasses
 
     world = build_world(
         seed_pairs=[(f"cll-{i}", None) for i in range(150)],
