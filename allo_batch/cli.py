@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import click
 
 from allo_batch.errors import AlloBatchError, ExitCode
-from allo_batch.options import RUN_OPTIONS, Option, RunOptions
+from allo_batch.options import OPTIONS, RUN_OPTIONS, Option, RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 _STATE: dict[str, Any] = {"debug": False}  # set by the group: --debug, the log handler
@@ -103,6 +103,17 @@ def _table_options(function: F) -> F:
     for option in reversed(RUN_OPTIONS):
         function = _option_decorator(option)(function)
     return function
+
+
+def _picked_options(*names: str) -> Callable[[F], F]:
+    """Some options of the table (a command that reads, or undoes, but is not ``run``)."""
+
+    def decorate(function: F) -> F:
+        for name in reversed(names):
+            function = _option_decorator(OPTIONS[name])(function)
+        return function
+
+    return decorate
 
 
 _column_option = click.option(
@@ -427,17 +438,126 @@ def validate(
 
 
 @cli.command()
-@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def report(result: Path, as_json: bool) -> None:
-    """Summarise a result file: counts per status and error code, and the run's figures."""
-    from allo_batch.report import format_summary, summarize_file, summary_json
+@click.argument("input_path", metavar="INPUT", type=_path())
+@click.option(
+    "-o",
+    "--output",
+    type=_path(),
+    help="Preview file (.csv, .parquet, .ndjson) [default: <INPUT stem>.preview.csv beside INPUT].",
+)
+@_column_option
+@click.option("--api-key-file", type=_path(), help="File holding the API key.")
+@_declared(
+    [
+        (
+            ["--show"],
+            {
+                "type": click.IntRange(min=0),
+                "default": 5,
+                "show_default": True,
+                "help": "Unified diffs printed (the first changed rows).",
+            },
+        ),
+        (
+            ["--html", "html_page"],
+            {
+                "type": _path(dir_okay=False),
+                "help": "Also write "
+                "a self-contained page of side-by-side diffs (owner-only: it holds content).",
+            },
+        ),
+    ]
+)
+@_picked_options("format", "base_url", "rate", "timeout", "auth", "limit")
+def diff(
+    input_path: Path,
+    output: Path | None,
+    columns: tuple[str, ...],
+    api_key_file: Path | None,
+    show: int,
+    html_page: Path | None,
+    **table: Any,
+) -> None:
+    """Preview what `run` would change: read every valid row's target, send nothing.
+
+    Prints the counts (changed, unchanged, no_summary, not_found, invalid, repeat) and the
+    first --show unified diffs; writes a preview file with one row per input row (no content).
+    """
+    from allo_batch.config import parse_column_mapping
+    from allo_batch.jobspec import RunRequest, configs_for
+    from allo_batch.pipeline import preview_input
+    from allo_batch.preview import write_html
 
     try:
-        summary = summarize_file(result)
+        request = RunRequest(
+            input=input_path,
+            options=RunOptions(**table),
+            columns=parse_column_mapping(columns),
+            api_key_file=api_key_file,
+        )
+        [config] = configs_for(request).configs
+        target = output or input_path.with_name(f"{input_path.stem}.preview.csv")
+        found = preview_input(config, target, show=show)
+        if html_page is not None:
+            write_html(found, html_page)
     except AlloBatchError as error:
         _fail(error)
-    click.echo(summary_json(summary) if as_json else format_summary(summary))
+    click.echo("\n".join(found.summary_lines()))
+    color = sys.stdout.isatty()
+    for change in found.shown:
+        click.echo(f"\n{change.title}")
+        for line in change.unified():
+            fg = "green" if line.startswith("+") else "red" if line.startswith("-") else None
+            click.echo(click.style(line, fg=fg) if color and fg else line)
+
+
+@cli.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (or --failed) as JSON.")
+@click.option("--failed", is_flag=True, help="List the rows that need a human: invalid, failed.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Rows --failed lists (0: all).",
+)
+@click.option(
+    "--export-failed",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write those rows of --input, every column, to FILE (.csv, .parquet, .ndjson).",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The run's input (checked against RESULT): for --export-failed, and line numbers.",
+)
+@click.option(
+    "--format",
+    "input_format",
+    type=click.Choice(["csv", "parquet", "ndjson"]),
+    help="Format of --input [default: from the extension].",
+)
+@_column_option
+@click.option(
+    "--html",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML report with plots to FILE.",
+)
+def report(result: Path, **options: Any) -> None:
+    """Summarise a result file: counts per status and error code, and the run's figures; or
+    list, export or chart its rows and its run (--failed, --export-failed, --html)."""
+    from allo_batch.review import ReportRequest, review
+
+    try:
+        out = review(ReportRequest(result, **options))
+    except AlloBatchError as error:
+        _fail(error)
+    for note in out.notes:
+        click.echo(note, err=True)
+    if out.text:
+        click.echo(out.text)
 
 
 class _Interrupted(BaseException):

@@ -277,6 +277,12 @@ class Looker:
                 for request in ready:
                     await outgoing.send(request)
 
+    async def looked(self, chunk: list[PlannedRequest]) -> list[Looked]:
+        """Read ``chunk``'s calls and pair each row with what its call holds (no decision)."""
+        current = await read_current(self.counted_read, (r.call_id for r in chunk))
+        _learn_from_chunk(self.facts, chunk)
+        return look(chunk, current, self.facts)
+
     async def look_at(self, chunk: list[PlannedRequest]) -> list[PlannedRequest]:
         """Read ``chunk``'s calls; settle what needs no write; return what must be sent,
         its before-images already kept."""
@@ -296,7 +302,10 @@ class Looker:
             change = item.change
             self.changes[change] = self.changes.get(change, 0) + 1
             expected = item.request.expected_sha256
-            if expected is not None and item.current.sha256 != expected:
+            # A target that already holds this row's content is no conflict: an undo resumed
+            # after its restore landed in flight finds exactly that.
+            holds_it = item.current.sha256 == item.request.content_sha256
+            if expected is not None and item.current.sha256 != expected and not holds_it:
                 self._settle(item.conflict(expected))
             elif self._dry_run:
                 self._settle(dry_run_result(item.request, change))

@@ -6,13 +6,15 @@ wires them for a run (:func:`run_job`) and for a local check (:func:`check_input
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +40,14 @@ from allo_batch.errors import (
     UsageError,
 )
 from allo_batch.lock import OutputLock
-from allo_batch.look import CallFacts, Looked, Looker, dry_run_result
+from allo_batch.look import (
+    CallFacts,
+    Looked,
+    Looker,
+    ReadFailedError,
+    ReadStoppedError,
+    dry_run_result,
+)
 from allo_batch.models import (
     CODE,
     MESSAGE,
@@ -49,6 +58,7 @@ from allo_batch.models import (
     RunSummary,
 )
 from allo_batch.plan import Planned, attach_done, plan_batch
+from allo_batch.preview import Change, Preview, preview_schema, similarity
 from allo_batch.read import (
     Fingerprinter,
     InputFingerprint,
@@ -57,7 +67,13 @@ from allo_batch.read import (
     key_batches,
     open_input,
 )
-from allo_batch.record import BeforeImages, Recorder, load_earlier, output_format
+from allo_batch.record import (
+    BeforeImages,
+    OrderedResults,
+    Recorder,
+    load_earlier,
+    output_format,
+)
 from allo_batch.report import NullReporter, Reporter, exit_code_for
 from allo_batch.validate import (
     Duplicates,
@@ -446,8 +462,11 @@ class _Preflight:
     refusal: AlloBatchError | None = None
 
 
-async def _preflight(client: AlloClient, config: JobConfig) -> _Preflight:
-    """Ask ``/me`` for the key's write limit and scopes before sending anything."""
+async def _preflight(
+    client: AlloClient, config: JobConfig, needs: tuple[str, ...] | None = None
+) -> _Preflight:
+    """Ask ``/me`` for the key's write limit and scopes (``needs``: by default the write
+    scope, and the read scope unless blind) before sending anything."""
     answer = await client.me()
     fallback = config.rate or float(DEFAULT_WRITE_PER_SECOND)
     if answer.http_status in (401, 403):
@@ -462,7 +481,7 @@ async def _preflight(client: AlloClient, config: JobConfig) -> _Preflight:
         return _Preflight(fallback)
     scopes = data.get("scopes")
     if isinstance(scopes, list):
-        needed = [WRITE_SCOPE] + ([] if config.blind else [READ_SCOPE])
+        needed = list(needs or [WRITE_SCOPE] + ([] if config.blind else [READ_SCOPE]))
         missing = [scope for scope in needed if scope not in scopes]
         if missing:
             return _Preflight(fallback, AuthRefusedError(_scope_message(missing, scopes)))
@@ -611,3 +630,148 @@ def check_input(config: JobConfig, *, show: int = 5) -> InputCheck:
                 shown.append((row, message))
     found.invalid = sum(found.codes.values())
     return found
+
+
+def preview_input(
+    config: JobConfig, output: Path, *, show: int = 5, transport: Any = None
+) -> Preview:
+    """``allo-batch diff``: read every valid row's target and say what a run would change.
+
+    Writes the preview file (``preview.preview_schema``), sends nothing, keeps the first
+    ``show`` changed rows for their diffs.
+    """
+    return anyio.run(partial(_preview, config, output, show, transport))
+
+
+async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -> Preview:
+    from allo_batch.client import AlloClient, make_http_client
+    from allo_batch.ratelimit import Pacer
+    from allo_batch.send import Sender
+
+    output_format(output)
+    _check_not_the_input(dataclasses.replace(config, output=output))
+    _make_folder(output.parent)
+    check_base_url(config.base_url)
+    if config.api_key is None:
+        msg = "diff reads the current summaries: set ALLO_API_KEY or pass --api-key-file"
+        raise UsageError(msg)
+    source = open_input(config.input, config.format, config.columns)
+    _identity, duplicates = await anyio.to_thread.run_sync(
+        survey, source, config.batch_size, config.limit
+    )
+    prepared = _Prepared(source, _identity, duplicates, _no_done(), 0)
+    found = Preview(str(output))
+    writer = OrderedResults(output, preview_schema())
+    async with make_http_client(timeout=config.timeout, transport=transport) as http:
+        client = AlloClient(http, config.base_url, config.api_key, auth=config.auth)
+        checked = await _preflight(client, config, needs=(READ_SCOPE,))
+        if checked.refusal is not None:
+            raise checked.refusal
+        sender = Sender(
+            client,
+            Pacer(checked.rate / (1.0 + config.jitter_margin)),
+            _NoOutcomes(),
+            policy=config.retry,
+        )
+        looker = Looker(
+            lambda ids: sender.read_items(ids, lane=0),
+            CallFacts(set(), set()),
+            settle=lambda result: None,
+            keep=lambda items: None,
+            dry_run=True,
+        )
+        try:
+            async for item in _preview_items(prepared, config, looker):
+                _preview_row(item, found, writer, show)
+        except ReadStoppedError:
+            pass  # the sender's stop error says why, below
+        except ReadFailedError as error:
+            sender.stop(ApiUnavailableError(str(error)))
+        except BaseException:
+            writer.abandon()
+            raise
+        if sender.stop_error is not None:
+            writer.abandon()
+            raise sender.stop_error
+    writer.finish()
+    found.reads = looker.reads
+    return found
+
+
+class _NoOutcomes:
+    """A preview sends nothing, so nothing is reported."""
+
+    def sending(self, request: PlannedRequest, request_id: str) -> None:
+        """Never called."""
+
+    def finished(self, result: RowResult) -> None:
+        """Never called."""
+
+
+def _no_done() -> pl.DataFrame:
+    import polars as pl
+
+    return pl.DataFrame(
+        schema={
+            "call_id": pl.String,
+            "template_key": pl.String,
+            "content_sha256": pl.String,
+            "version": pl.Int64,
+            "updated_at": pl.String,
+            "request_id": pl.String,
+        }
+    )
+
+
+async def _preview_items(
+    prepared: _Prepared, config: JobConfig, looker: Looker
+) -> AsyncIterator[RowResult | Looked]:
+    """Planned rows in input order: settled ones as they are, requests after their read."""
+    batches = prepared.planned_batches(config)
+    while True:
+        items = await anyio.to_thread.run_sync(next, batches, None)
+        if items is None:
+            return
+        pending: list[PlannedRequest] = []
+        for item in items:
+            if isinstance(item, RowResult):
+                yield item
+            else:
+                pending.append(item)
+        for start in range(0, len(pending), MAX_BATCH_IDS):
+            for looked in await looker.looked(pending[start : start + MAX_BATCH_IDS]):
+                yield looked
+
+
+def _preview_row(
+    item: RowResult | Looked, found: Preview, writer: OrderedResults, show: int
+) -> None:
+    if isinstance(item, RowResult):
+        change = "repeat" if item.reason == "repeat" else "invalid"
+        found.count(change)
+        writer.add_row(
+            item.row, (item.row, item.call_id, item.template_key, change, None, None, None, None)
+        )
+        return
+    request = item.request
+    after = str(json.loads(request.body)["content"])
+    before = item.current.content
+    change = item.change
+    found.count(change)
+    writer.add_row(
+        request.row,
+        (
+            request.row,
+            request.call_id,
+            request.template_key,
+            change,
+            len(before) if before is not None else None,
+            len(after),
+            similarity(before, after),
+            item.certain,
+        ),
+    )
+    if change == "changed" and before is not None and len(found.shown) < show:
+        found.shown.append(
+            Change(request.row, request.call_id, request.template_key, before, after)
+        )

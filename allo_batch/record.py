@@ -342,8 +342,9 @@ class OrderedResults:
     memory stays at one chunk plus the reorder buffer whatever the number of rows.
     """
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, schema: dict[str, Any] | None = None) -> None:
         self.output = output
+        self.schema = schema or result_schema()
         self.format = output_format(output)
         self.temp = output.with_name(f".{output.name}.partial")
         self._parts = output.with_name(f".{output.name}.parts")
@@ -352,17 +353,20 @@ class OrderedResults:
             self._parts.mkdir(mode=0o700)
         else:
             os.close(open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
-        self._waiting: dict[int, RowResult] = {}
+        self._waiting: dict[int, tuple[Any, ...]] = {}
         self._next = 0
         self._chunk: list[tuple[Any, ...]] = []
         self.written = 0
 
     def add(self, result: RowResult) -> None:
         """Accept one row's result; rows are written as soon as all before them are in."""
-        self._waiting[result.row] = result
+        self.add_row(result.row, result.as_tuple())
+
+    def add_row(self, row: int, values: tuple[Any, ...]) -> None:
+        """Accept row ``row``'s values (in the schema's order), in any order."""
+        self._waiting[row] = values
         while self._next in self._waiting:
-            row = self._waiting.pop(self._next)
-            self._chunk.append(row.as_tuple())
+            self._chunk.append(self._waiting.pop(self._next))
             self._next += 1
             if len(self._chunk) >= _CHUNK_ROWS:
                 self._flush()
@@ -372,7 +376,7 @@ class OrderedResults:
 
         if not self._chunk and (self.written or self.format == "ndjson"):
             return
-        frame = pl.DataFrame(self._chunk, schema=result_schema(), orient="row")
+        frame = pl.DataFrame(self._chunk, schema=self.schema, orient="row")
         if self.format == "parquet":
             part = self._parts / f"{self.written:012d}.parquet"
             frame.write_parquet(part)
