@@ -514,7 +514,7 @@ def diff(
 @cli.command()
 @click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or --failed) as JSON.")
-@click.option("--failed", is_flag=True, help="List the rows that need a human: invalid, failed.")
+@click.option("--failed", is_flag=True, help="List the rows to fix by hand (invalid or failed).")
 @click.option(
     "--show",
     type=click.IntRange(min=0),
@@ -530,6 +530,7 @@ def diff(
 @click.option(
     "--input",
     "input_path",
+    metavar="INPUT",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The run's input (checked against RESULT): for --export-failed, and line numbers.",
 )
