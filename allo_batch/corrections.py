@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 _BATCH: Final = 50_000
 _CSV_BLOCK: Final = 16 << 20  # a CSV row must fit in one block (valid rows are < 1 MB)
-_INDEX: Final = "__allo_batch_row"
+_INDEX: Final = "__allo_batch_row"  # the row number while selecting; no input may use it
 
 #: ``{row: call_id}`` of the rows wanted, from the result file (``None``: no call id).
 Wanted = Mapping[int, str | None]
@@ -173,6 +173,8 @@ def export_rows(source: InputSource, wanted: Wanted, dest: Path, keep_off: list[
     extension; return how many. ``keep_off``: files that must not be overwritten (the result
     file and its sidecar; the input itself always is)."""
     fmt = _export_format(dest)
+    if _INDEX in source.found:
+        raise InputError(f"{source.path}: a column is named {_INDEX}; rename it to export")
     protected = {p.resolve() for p in (source.path, *keep_off)}
     if dest.resolve() in protected:
         msg = f"--export-failed {dest}: that is the input or the result file; name a new file"
