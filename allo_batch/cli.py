@@ -163,6 +163,59 @@ _RUN_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [  # not in the table
 # fmt: on
 
 
+# fmt: off
+_SANDBOX_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
+    (["--host"], {"default": "127.0.0.1", "show_default": True, "help": "Address to listen on."}),
+    (["--port"], {"default": 8765, "show_default": True, "help": "Port; 0 picks a free one."}),
+    (["--api-key"], {"help": "The full-scope key [default: generated]."}),
+    (["--write-rate"], {"default": 5, "show_default": True, "help": "Writes per second per key."}),
+    (["--read-rate"], {"default": 20, "show_default": True, "help": "Reads per second per key."}),
+    (["--world", "world_file"], {"type": _FILE, "help": "World JSON: calls with their "
+     "completed templates, SMS ids, extra keys."}),
+    (["--from-input"], {"type": _FILE, "help": "Make every cll- id of this corrections file "
+     "exist with the templates its rows name."}),
+    (["--faults"], {"help": "Fault spec, e.g. latency=50ms,jitter=20ms,503=0.01."}),
+    (["--seed"], {"default": 0, "show_default": True, "help": "Seed for reproducible faults."}),
+    (["--persona"], {"default": "documented", "show_default": True, "help": "How the simulator "
+     "answers where the API docs are silent (see below)."}),
+]
+_DIFF_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
+    (["-o", "--output"], {"type": _path(), "help": "Preview file (.csv, .parquet, .ndjson) "
+     "[default: <INPUT stem>.preview.csv beside INPUT]."}),
+    (["--api-key-file"], {"type": _path(), "help": "File holding the API key."}),
+    (["--show"], {"type": click.IntRange(min=0), "default": 5, "show_default": True,
+     "help": "Unified diffs printed (the first changed rows)."}),
+    (["--html", "html_page"], {"type": _path(dir_okay=False), "help": "Also write a "
+     "self-contained page of side-by-side diffs (owner-only: it holds content)."}),
+]
+_UNDO_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
+    (["-o", "--output"], {"type": _path(), "help": "The undo's result file "
+     "[default: <RESULTS>.undo.parquet]."}),
+    (["--api-key-file"], {"type": _path(), "help": "File holding the API key."}),
+    (["--dry-run"], {"is_flag": True, "help": "Read the targets and say what would be put back "
+     "and what conflicts; write nothing."}),
+    (["--force"], {"is_flag": True, "help": "Put back even where the target changed since."}),
+    (["--include-uncertain"], {"is_flag": True, "help": "Also put back before-images whose "
+     "read could not be tied to the row's template."}),
+    (["--json", "as_json"], {"is_flag": True, "help": "Print the summary as JSON on stdout."}),
+]
+_REPORT_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
+    (["--json", "as_json"], {"is_flag": True, "help": "Print the summary (or --failed) as JSON."}),
+    (["--failed"], {"is_flag": True, "help": "List the rows to fix by hand (invalid or failed)."}),
+    (["--show"], {"type": click.IntRange(min=0), "default": 50, "show_default": True,
+     "help": "Rows --failed lists (0: all)."}),
+    (["--export-failed"], {"type": _path(dir_okay=False), "help": "Write those rows of --input, "
+     "every column, to FILE (.csv, .parquet, .ndjson)."}),
+    (["--input", "input_path"], {"metavar": "INPUT", "type": _FILE, "help": "The run's input "
+     "(checked against RESULT): for --export-failed, and line numbers."}),
+    (["--format", "input_format"], {"type": click.Choice(["csv", "parquet", "ndjson"]),
+     "help": "Format of --input [default: from the extension]."}),
+    (["--html"], {"type": _path(dir_okay=False), "help": "Write a self-contained HTML report "
+     "with plots to FILE."}),
+]
+# fmt: on
+
+
 def _declared(options: list[tuple[list[str], dict[str, Any]]]) -> Callable[[F], F]:
     """Click options from a compact table (declarations, keywords)."""
 
@@ -317,31 +370,7 @@ class _SandboxCommand(click.Command):
 
 
 @cli.command(cls=_SandboxCommand)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8765, show_default=True, help="Port; 0 picks a free one.")
-@click.option("--api-key", "api_key", default=None, help="The full-scope key [default: generated].")
-@click.option("--write-rate", default=5, show_default=True, help="Writes per second per key.")
-@click.option("--read-rate", default=20, show_default=True, help="Reads per second per key.")
-@click.option(
-    "--world",
-    "world_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="World JSON: calls with their completed templates, SMS ids, extra keys.",
-)
-@click.option(
-    "--from-input",
-    "from_input",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Make every cll- id of this corrections file exist with the templates its rows name.",
-)
-@click.option("--faults", default=None, help="Fault spec, e.g. latency=50ms,jitter=20ms,503=0.01.")
-@click.option("--seed", default=0, show_default=True, help="Seed for reproducible faults.")
-@click.option(
-    "--persona",
-    default="documented",
-    show_default=True,
-    help="How the simulator answers where the API docs are silent (see below).",
-)
+@_declared(_SANDBOX_OPTIONS)
 def sandbox(
     host: str,
     port: int,
@@ -401,24 +430,23 @@ def sandbox(
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option(
-    "--format",
-    "input_format",
-    type=click.Choice(["csv", "parquet", "ndjson"]),
-    help="Input format [default: from the extension].",
-)
+@click.argument("input_path", metavar="INPUT", type=_path())
+@_picked_options("format")
 @_column_option
-@click.option(
-    "--show",
-    type=click.IntRange(min=0),
-    default=5,
-    show_default=True,
-    help="Example rows shown per error code.",
+@_declared(
+    [
+        (
+            ["--show"],
+            {
+                "type": click.IntRange(min=0),
+                "default": 5,
+                "show_default": True,
+                "help": "Example rows shown per error code.",
+            },
+        )
+    ]
 )
-def validate(
-    input_path: Path, input_format: str | None, columns: tuple[str, ...], show: int
-) -> None:
+def validate(input_path: Path, format: str | None, columns: tuple[str, ...], show: int) -> None:
     """Check INPUT locally and print a report; send nothing. Exit 1 if any row is invalid."""
     from allo_batch.config import JobConfig, parse_column_mapping
     from allo_batch.pipeline import check_input
@@ -427,7 +455,7 @@ def validate(
     try:
         config = JobConfig(
             input=input_path,
-            input_format=cast(Any, input_format),
+            input_format=cast(Any, format),
             columns=parse_column_mapping(columns),
         )
         found = check_input(config, show=show)
@@ -439,35 +467,8 @@ def validate(
 
 @cli.command()
 @click.argument("input_path", metavar="INPUT", type=_path())
-@click.option(
-    "-o",
-    "--output",
-    type=_path(),
-    help="Preview file (.csv, .parquet, .ndjson) [default: <INPUT stem>.preview.csv beside INPUT].",
-)
 @_column_option
-@click.option("--api-key-file", type=_path(), help="File holding the API key.")
-@_declared(
-    [
-        (
-            ["--show"],
-            {
-                "type": click.IntRange(min=0),
-                "default": 5,
-                "show_default": True,
-                "help": "Unified diffs printed (the first changed rows).",
-            },
-        ),
-        (
-            ["--html", "html_page"],
-            {
-                "type": _path(dir_okay=False),
-                "help": "Also write "
-                "a self-contained page of side-by-side diffs (owner-only: it holds content).",
-            },
-        ),
-    ]
-)
+@_declared(_DIFF_OPTIONS)
 @_picked_options("format", "base_url", "rate", "timeout", "auth", "limit")
 def diff(
     input_path: Path,
@@ -512,40 +513,70 @@ def diff(
 
 
 @cli.command()
-@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary (or --failed) as JSON.")
-@click.option("--failed", is_flag=True, help="List the rows to fix by hand (invalid or failed).")
-@click.option(
-    "--show",
-    type=click.IntRange(min=0),
-    default=50,
-    show_default=True,
-    help="Rows --failed lists (0: all).",
+@click.argument("results", type=_FILE)
+@_declared(_UNDO_OPTIONS)
+@_picked_options(
+    "base_url",
+    "rate",
+    "concurrency",
+    "timeout",
+    "max_attempts",
+    "max_errors",
+    "max_outage",
+    "auth",
+    "log_format",
+    "log_interval",
 )
-@click.option(
-    "--export-failed",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write those rows of --input, every column, to FILE (.csv, .parquet, .ndjson).",
-)
-@click.option(
-    "--input",
-    "input_path",
-    metavar="INPUT",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The run's input (checked against RESULT): for --export-failed, and line numbers.",
-)
-@click.option(
-    "--format",
-    "input_format",
-    type=click.Choice(["csv", "parquet", "ndjson"]),
-    help="Format of --input [default: from the extension].",
-)
+def undo(
+    results: Path,
+    output: Path | None,
+    api_key_file: Path | None,
+    dry_run: bool,
+    force: bool,
+    include_uncertain: bool,
+    as_json: bool,
+    **table: Any,
+) -> None:
+    """Put back the before-image of every row RESULTS' run (and its reruns) updated, where the
+    target still holds exactly what the run wrote; a target changed since is a `conflict`
+    and left alone (--force overrides). The undo is a run of its own: paced, journaled,
+    resumable (rerun the same command), with its own result file and before-images.
+
+    \b
+    Exit codes as for `run`; 1 when some targets were left alone as conflicts.
+    """
+    from allo_batch.jobspec import RunRequest, configs_for
+    from allo_batch.report import RunConsole
+    from allo_batch.undo import plan_undo
+
+    console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
+    _STATE["log"].console = console
+    with _exit_130_on_signals(console):
+        try:
+            plan = plan_undo(
+                results, output=output, include_uncertain=include_uncertain, force=force
+            )
+            request = RunRequest(
+                input=plan.input,
+                output=plan.output,
+                options=RunOptions(**table),
+                api_key_file=api_key_file,
+                dry_run=dry_run,
+                progress=sys.stderr.isatty(),
+            )
+            configs = configs_for(request).configs
+        except AlloBatchError as error:
+            console.failed(str(error), int(error.exit_code))
+            sys.exit(int(error.exit_code))
+        for line in plan.lines():
+            console.skipped(line)
+        sys.exit(_run_all(configs, console))
+
+
+@cli.command()
+@click.argument("result", type=_FILE)
 @_column_option
-@click.option(
-    "--html",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write a self-contained HTML report with plots to FILE.",
-)
+@_declared(_REPORT_OPTIONS)
 def report(result: Path, **options: Any) -> None:
     """Summarise a result file: counts per status and error code, and the run's figures; or
     list, export or chart its rows and its run (--failed, --export-failed, --html)."""

@@ -28,7 +28,9 @@ FORMATS: Final[dict[str, InputFormat]] = {
     ".jsonl": "ndjson",
 }
 REQUIRED_COLUMNS: Final = ("call_id", "content")
-OPTIONAL_COLUMNS: Final = ("template_key",)
+# expected_sha256: write the row only where the target holds content of this hash (``undo``
+# writes it; any corrections file may carry it for a compare-and-set run).
+OPTIONAL_COLUMNS: Final = ("template_key", "expected_sha256")
 API_KEY_ENV: Final = "ALLO_API_KEY"
 
 

@@ -23,7 +23,7 @@ SUCCESS: Final[tuple[Status, ...]] = ("updated", "unchanged", "skipped")
 
 # Columns of the working frames that pass between read, validate and plan.
 ROW: Final = "row"
-FIELDS: Final = ("call_id", "template_key", "content")
+FIELDS: Final = ("call_id", "template_key", "content", "expected_sha256")
 KEY_FIELDS: Final = ("call_id", "template_key")
 CODE: Final = "error_code"
 MESSAGE: Final = "message"

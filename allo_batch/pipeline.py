@@ -190,11 +190,11 @@ async def run_job_async(
     output_format(output)
     _check_not_the_input(config)
     _make_folder(output.parent)
-    if not config.dry_run:
-        check_base_url(config.base_url)
-        if config.api_key is None:
-            msg = "no API key: set ALLO_API_KEY or pass --api-key-file"
-            raise UsageError(msg)
+    if config.api_key is not None or not config.dry_run:
+        check_base_url(config.base_url)  # the key goes there, even for a dry run's reads
+    if not config.dry_run and config.api_key is None:
+        msg = "no API key: set ALLO_API_KEY or pass --api-key-file"
+        raise UsageError(msg)
     with OutputLock(output):
         prepared = await anyio.to_thread.run_sync(_prepare, config, output)
         reporter = reporter or NullReporter()
@@ -469,6 +469,10 @@ async def _preflight(
     scope, and the read scope unless blind) before sending anything."""
     answer = await client.me()
     fallback = config.rate or float(DEFAULT_WRITE_PER_SECOND)
+    if answer.kind == "transport" and config.dry_run:
+        # A dry run reads only to count changes: an unreachable API is no reason to wait.
+        reason = f"cannot reach {config.base_url} ({answer.error_code})"
+        return _Preflight(fallback, ApiUnavailableError(reason))
     if answer.http_status in (401, 403):
         return _Preflight(
             fallback,

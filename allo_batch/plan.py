@@ -76,6 +76,7 @@ def plan_batch(batch: pl.DataFrame, *, limit: int | None) -> Iterator[Planned]:
         call_id,
         template_key,
         content,
+        expected,
         code,
         message,
         repeat_of,
@@ -89,6 +90,7 @@ def plan_batch(batch: pl.DataFrame, *, limit: int | None) -> Iterator[Planned]:
         "call_id",
         "template_key",
         "content",
+        "expected_sha256",
         CODE,
         MESSAGE,
         REPEAT_OF,
@@ -134,6 +136,5 @@ def plan_batch(batch: pl.DataFrame, *, limit: int | None) -> Iterator[Planned]:
                 reason="repeat",
             )
         else:
-            yield PlannedRequest(
-                row, call_id, template_key, sha, request_body(content, template_key)
-            )
+            body = request_body(content, template_key)
+            yield PlannedRequest(row, call_id, template_key, sha, body, expected or None)

@@ -23,6 +23,7 @@ DONE_SCHEMA = {
 def batch(*rows: tuple[str | None, str | None, str | None]) -> pl.DataFrame:
     schema = dict.fromkeys(("call_id", "template_key", "content"), pl.String)
     frame = pl.DataFrame(rows, schema=schema, orient="row").with_row_index("row")
+    frame = frame.with_columns(pl.lit(None, pl.String).alias("expected_sha256"))
     return frame.with_columns(pl.col("row").cast(pl.Int64))
 
 

@@ -1,0 +1,138 @@
+"""``allo-batch undo``: put back what a run and its reruns replaced, where nobody changed it since.
+
+The undo is itself a run: this module turns a result file and its before-images into a
+corrections file (the before-image as ``content``, what the run wrote as ``expected_sha256``),
+and the ordinary pipeline sends it, paced, journaled, resumable, with its own result file and
+before-images (so an undo can be undone). The look stage leaves a target alone as ``conflict``
+when it no longer holds what the run wrote (``--force`` drops that check).
+
+Which before-image: the earliest one of the target among the runs of this output (the content
+it held before the first of them changed it). Rows the undo cannot restore are counted, not
+sent: the run never wrote them (``unchanged``, ``failed``, ...), their before-image is uncertain
+(``--include-uncertain`` includes them), or the target had no summary before (nothing to put
+back: the API cannot delete a summary).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from allo_batch.errors import UsageError
+from allo_batch.models import NO_TEMPLATE
+from allo_batch.record import open_private, read_before_images, read_results
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+@dataclass(slots=True)
+class UndoPlan:
+    """The corrections file an undo sends, and what it leaves out."""
+
+    input: Path
+    output: Path
+    restorable: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """What the undo will try, for a person."""
+        text = [f"undo: {self.restorable} rows to put back ({self.input.name})"]
+        reasons = {
+            "uncertain": "before-image uncertain (use --include-uncertain)",
+            "no_before_image": "no summary before the run (nothing to put back)",
+            "no_image_kept": "written without a before-image (--blind, or an older version)",
+        }
+        text += [f"  left out: {n} {reasons[r]}" for r, n in self.left_out.items() if n]
+        return text
+
+
+def undo_paths(results: Path, output: Path | None = None) -> tuple[Path, Path]:
+    """The undo's own input (owner-only: it holds content) and result file."""
+    base = results.with_name(results.name + ".undo")
+    return base.with_name(base.name + ".input.parquet"), output or base.with_suffix(
+        base.suffix + ".parquet"
+    )
+
+
+def plan_undo(
+    results: Path,
+    *,
+    output: Path | None = None,
+    include_uncertain: bool = False,
+    force: bool = False,
+) -> UndoPlan:
+    """Write the undo's corrections file for ``results`` and say what it leaves out."""
+    import polars as pl
+
+    if not results.is_file():
+        msg = f"{results}: no such result file"
+        raise UsageError(msg)
+    source, target = undo_paths(results, output)
+    written = _written_targets(read_results(results))
+    images = _first_images(read_before_images(results))
+    joined = written.join(images, on=["call_id", "_target"], how="left")
+    plan = UndoPlan(source, target)
+    no_image = joined.filter(pl.col("found").is_null())
+    no_before = joined.filter(pl.col("found").is_not_null() & (pl.col("found") != "summary"))
+    with_image = joined.filter(pl.col("found") == "summary")
+    uncertain = with_image.filter(~pl.col("certain"))
+    chosen = with_image if include_uncertain else with_image.filter(pl.col("certain"))
+    plan.left_out = {
+        "no_image_kept": no_image.height,
+        "no_before_image": no_before.height,
+        "uncertain": 0 if include_uncertain else uncertain.height,
+    }
+    plan.restorable = chosen.height
+    corrections = chosen.sort("row").select(
+        "call_id",
+        "template_key",
+        pl.col("content"),
+        (pl.lit(None, pl.String) if force else pl.col("written_sha256")).alias("expected_sha256"),
+    )
+    _write_private(corrections, source)
+    return plan
+
+
+def _written_targets(frame: pl.DataFrame) -> pl.DataFrame:
+    """Targets the run and its reruns wrote, with the last content hash written to each."""
+    import polars as pl
+
+    carried = pl.col("version").is_not_null() | (pl.col("reason") == "landed_earlier")
+    landed = (pl.col("status") == "updated") | (
+        (pl.col("status") == "skipped") & carried.fill_null(False)
+    )
+    return (
+        frame.filter(landed & pl.col("call_id").is_not_null())
+        .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
+        .unique(subset=["call_id", "_target"], keep="last", maintain_order=True)
+        .select(
+            "row",
+            "call_id",
+            "template_key",
+            "_target",
+            pl.col("content_sha256").alias("written_sha256"),
+        )
+    )
+
+
+def _first_images(images: pl.DataFrame) -> pl.DataFrame:
+    """Each target's earliest before-image (runs sort in time; ``seq`` orders within one)."""
+    import polars as pl
+
+    return (
+        images.sort("run", "seq")
+        .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
+        .unique(subset=["call_id", "_target"], keep="first", maintain_order=True)
+        .select("call_id", "_target", "found", "content", "certain")
+    )
+
+
+def _write_private(frame: pl.DataFrame, path: Path) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as handle:
+        frame.write_parquet(handle)
+    os.replace(temp, path)

@@ -1,0 +1,212 @@
+"""``undo``: put back before-images where the target still holds what the run wrote, end to end
+against the sandbox, and after ``kill -9`` at random moments during a run and during an undo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from allo_batch.cli import cli
+from allo_batch.record import read_before_images, read_results
+from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.sandbox.world import World
+from tests.conftest import SandboxFactory
+
+KEY = "ak_undo_key_5a1e"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(cli, args, env={"ALLO_API_KEY": KEY}, catch_exceptions=False)
+
+
+def setup(tmp_path: Path, rows: int, *, rate: int = 500) -> tuple[Path, World, dict[str, str]]:
+    """A corrections file and a world whose calls hold other text (their originals)."""
+    source = tmp_path / "fixes.csv"
+    pl.DataFrame(
+        {
+            "call_id": [f"cll-{i:05d}" for i in range(rows)],
+            "content": [f"corrected {i}" for i in range(rows)],
+        }
+    ).write_csv(source)
+    world = build_world(seed_pairs=[(f"cll-{i:05d}", None) for i in range(rows)])
+    world.add_key(ApiKey(key=KEY, write_per_second=rate, read_per_second=rate))
+    originals = {}
+    for i in range(rows):
+        summary = next(iter(world.calls[f"cll-{i:05d}"].values()))
+        summary.content = f"original {i}"
+        originals[f"cll-{i:05d}"] = summary.content
+    return source, world, originals
+
+
+def edit(sandbox: Any, call_id: str, text: str) -> None:
+    """Someone else changes a summary, through the API like anyone would."""
+    answer = httpx.patch(
+        f"{sandbox.base_url}/v2/api/conversations/items/{call_id}/summary",
+        json={"content": text},
+        headers={"Authorization": f"Api-Key {KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def held(sandbox: Any) -> dict[str, str]:
+    """What each call's summary holds now, straight from the sandbox's world."""
+    return {c: next(iter(t.values())).content for c, t in sandbox.app.world.calls.items()}
+
+
+def test_undo_restores_what_nobody_touched_and_reports_the_rest_as_conflicts(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """200 rows written; someone edits 20 targets; undo restores exactly the other 180, leaves
+    the 20 as conflict (exit 1); --dry-run said so first; undoing the undo writes the run's
+    content back."""
+    source, world, originals = setup(tmp_path, 200)
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        assert invoke(["run", str(source), "-o", str(results), "--base-url", url]).exit_code == 0
+        edited = {f"cll-{i:05d}" for i in random.Random(5).sample(range(200), 20)}
+        for call_id in sorted(edited):
+            edit(sandbox, call_id, "edited by a human")
+        patches = sandbox.state()["counters"]["patch"]
+        preview = invoke(["undo", str(results), "--base-url", url, "--dry-run", "--json"])
+        assert sandbox.state()["counters"]["patch"] == patches  # a dry run writes nothing
+        undone = invoke(["undo", str(results), "--base-url", url, "--json"])
+        now = held(sandbox)
+        redo = invoke(
+            ["undo", str(results.with_name("run.csv.undo.parquet")), "--base-url", url, "--json"]
+        )
+        after_redo = held(sandbox)
+    dry = json.loads(preview.stdout)
+    assert dry["by_status"] == {"not_sent": 180, "conflict": 20}
+    summary = json.loads(undone.stdout)
+    assert undone.exit_code == 1
+    assert summary["by_status"] == {"updated": 180, "conflict": 20}
+    for call_id, original in originals.items():
+        assert now[call_id] == ("edited by a human" if call_id in edited else original)
+    assert "200 rows to put back" in undone.stderr  # 20 of them turn out to be conflicts
+    conflicts = read_results(results.with_name("run.csv.undo.parquet")).filter(
+        pl.col("status") == "conflict"
+    )
+    assert set(conflicts["call_id"]) == edited
+    assert redo.exit_code == 0, redo.output
+    assert json.loads(redo.stdout)["by_status"] == {"updated": 180}
+    assert all(
+        after_redo[f"cll-{i:05d}"].startswith("corrected")
+        for i in range(200)
+        if f"cll-{i:05d}" not in edited
+    )
+
+
+def test_undo_leaves_uncertain_images_alone_unless_asked(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A row naming the template of a two-template call has an uncertain before-image: undo
+    counts it as left out, and --include-uncertain tries it."""
+    world = build_world()
+    world.add_call("cll-two", ["MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL"])
+    world.add_key(ApiKey(key=KEY, write_per_second=50))
+    source = tmp_path / "two.csv"
+    pl.DataFrame(
+        {"call_id": ["cll-two"], "template_key": ["MARKDOWN_SHORT_CALL"], "content": ["new"]}
+    ).write_csv(source)
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        assert invoke(["run", str(source), "-o", str(results), "--base-url", url]).exit_code == 0
+        plain = invoke(["undo", str(results), "--base-url", url, "--json"])
+        wider = invoke(
+            [
+                "undo",
+                str(results),
+                "-o",
+                str(tmp_path / "u2.csv"),
+                "--base-url",
+                url,
+                "--include-uncertain",
+                "--json",
+            ]
+        )
+    assert "left out: 1 before-image uncertain" in plain.stderr
+    assert json.loads(plain.stdout)["rows"] == 0
+    assert json.loads(wider.stdout)["rows"] == 1
+
+
+RUN_TIMEOUT = 120
+
+
+def start(command: str, args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "ALLO_API_KEY": KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "allo_batch", command, *args, "--no-progress", "--json"]
+        if command == "run"
+        else [sys.executable, "-m", "allo_batch", command, *args, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_after_writes(sandbox: Any, process: subprocess.Popen[str], at_least: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        if sandbox.app.counters.get("writes_applied", 0) >= at_least:
+            break
+        time.sleep(0.01)
+    time.sleep(random.Random(at_least).uniform(0, 0.2))
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=RUN_TIMEOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kill_9_during_a_run_and_an_undo_still_leaves_every_target_accounted_for(
+    sandbox_factory: SandboxFactory, tmp_path: Path, seed: int
+) -> None:
+    """Every write that landed has its before-image even when the run is killed at random;
+    an undo killed at random and rerun restores every target or reports it."""
+    rng = random.Random(seed)
+    source, world, originals = setup(tmp_path, 300, rate=100)
+    results = tmp_path / "run.parquet"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        args = [str(source), "-o", str(results), "--base-url", url]
+        for _ in range(2):
+            kill_after_writes(sandbox, start("run", args), rng.randint(20, 250))
+            landed = {s["call_id"] for s in sandbox.state(written_only=True)["summaries"]}
+            imaged = set(read_before_images(results)["call_id"])
+            assert landed <= imaged  # no landed write without its before-image
+        finished = start("run", args)
+        finished.communicate(timeout=RUN_TIMEOUT)
+        assert finished.returncode == 0
+        assert all(v.startswith("corrected") for v in held(sandbox).values())
+        before_undo = sandbox.app.counters.get("writes_applied", 0)
+        undo_args = [str(results), "--base-url", url]
+        kill_after_writes(sandbox, start("undo", undo_args), before_undo + rng.randint(10, 200))
+        rerun = start("undo", undo_args)
+        out, err = rerun.communicate(timeout=RUN_TIMEOUT)
+        now = held(sandbox)
+    assert rerun.returncode == 0, err
+    assert now == originals
+    undo_results = read_results(results.with_name("run.parquet.undo.parquet"))
+    assert set(undo_results["status"]) <= {"updated", "skipped", "unchanged"}
+    assert undo_results.height == 300
