@@ -206,6 +206,7 @@ def test_kill_9_during_a_run_and_an_undo_still_leaves_every_target_accounted_for
         out, err = rerun.communicate(timeout=RUN_TIMEOUT)
         now = held(sandbox)
     assert rerun.returncode == 0, err
+    assert json.loads(out)["exit_code"] == 0
     assert now == originals
     undo_results = read_results(results.with_name("run.parquet.undo.parquet"))
     assert set(undo_results["status"]) <= {"updated", "skipped", "unchanged"}
