@@ -19,6 +19,54 @@ if TYPE_CHECKING:
     import polars as pl
 
 _SHOWN_ROWS: Final = 5
+# How much of an id or key a message quotes: row messages are printed by `validate` and kept in
+# the result file, so a pasted secret or a line of content in the wrong column must not be.
+_SHOWN_CHARS: Final = 40
+_CONTROL: Final = r"\p{Cc}"
+
+
+def _escapes() -> dict[str, str]:
+    """Characters written as their Python escape when a message quotes the file: controls
+    (C0, DEL, C1), and the invisible ones that reorder or hide text in a terminal (format
+    characters such as bidi overrides and zero-width spaces, separators, odd spaces)."""
+    controls = [*range(0x20), *range(0x7F, 0xA0)]
+    invisible = [
+        *(0x00A0, 0x00AD, 0x061C, 0x1680, 0x180E, 0x205F, 0x3000, 0xFEFF),
+        *range(0x2000, 0x2010),
+        *range(0x2028, 0x2030),
+        *range(0x2060, 0x2070),
+        *range(0xFFF9, 0xFFFC),
+    ]
+    table = {chr(code): repr(chr(code))[1:-1] for code in (*controls, *invisible)}
+    return {**table, "\\": "\\\\", "'": "\\'"}
+
+
+_ESCAPES: Final = _escapes()
+
+
+def _shown(value: pl.Expr) -> pl.Expr:
+    """``value`` as a message quotes it: its first 40 characters, escaped, in single quotes,
+    and ``…`` after when there is more. One vectorised replace, no Python per row."""
+    import polars as pl
+
+    head = value.str.slice(0, _SHOWN_CHARS).str.replace_many(_ESCAPES)
+    more = pl.when(value.str.len_chars() > _SHOWN_CHARS).then(pl.lit("…")).otherwise(pl.lit(""))
+    return pl.format("'{}'{}", head, more)
+
+
+def _bad_call_id() -> pl.Expr:
+    """Missing, not a call id, holding a control character (a newline, NUL, tab...), or with
+    white space at either end: sent as is, such an id would be a different path, or a
+    different call, from the one a person reading the file sees."""
+    import polars as pl
+
+    call_id = pl.col("call_id")
+    return (
+        call_id.is_null()
+        | ~call_id.str.starts_with(CALL_PREFIX)
+        | call_id.str.contains(_CONTROL)
+        | (call_id.str.strip_chars() != call_id)
+    )
 
 
 def normalized_template() -> pl.Expr:
@@ -33,13 +81,13 @@ def issue_code() -> pl.Expr:
     """The first check a row fails, as the API's code, or null for a valid row."""
     import polars as pl
 
-    call_id, content, template = pl.col("call_id"), pl.col("content"), pl.col("template_key")
+    content, template = pl.col("content"), pl.col("template_key")
     # Bytes bound characters from above, so count characters only where bytes exceed the limit.
     too_long = (content.str.len_bytes() > MAX_CONTENT_CHARS) & (
         content.str.len_chars() > MAX_CONTENT_CHARS
     )
     return (
-        pl.when(call_id.is_null() | ~call_id.str.starts_with(CALL_PREFIX))
+        pl.when(_bad_call_id())
         .then(pl.lit(Code.INVALID_ITEM_ID))
         .when(content.is_null() | (content.str.strip_chars().str.len_bytes() == 0))
         .then(pl.lit(Code.INVALID_REQUEST_BODY))
@@ -60,11 +108,15 @@ def issue_message() -> pl.Expr:
     return (
         pl.when(call_id.is_null())
         .then(pl.lit("column call_id: missing"))
+        .when(call_id.str.contains(_CONTROL))
+        .then(pl.format("column call_id: {} holds a control character", _shown(call_id)))
+        .when(call_id.str.strip_chars() != call_id)
+        .then(pl.format("column call_id: {} has surrounding whitespace", _shown(call_id)))
         .when(~call_id.str.starts_with(CALL_PREFIX))
         .then(
             pl.format(
-                "column call_id: '{}' is not a call id (must start with {})",
-                call_id.str.slice(0, 40),
+                "column call_id: {} is not a call id (must start with {})",
+                _shown(call_id),
                 pl.lit(CALL_PREFIX),
             )
         )
@@ -80,8 +132,8 @@ def issue_message() -> pl.Expr:
         )
         .otherwise(
             pl.format(
-                "column template_key: '{}' is not one of {}",
-                template.str.slice(0, 40),
+                "column template_key: {} is not one of {}",
+                _shown(template),
                 pl.lit(", ".join(TEMPLATE_KEYS)),
             )
         )
@@ -190,7 +242,7 @@ def find_duplicates(batches: Iterable[pl.DataFrame], candidates: pl.Series) -> D
             pl.format(
                 "rows {} give call {} (template {}) different content",
                 pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", "),
-                pl.col("call_id"),
+                _shown(pl.col("call_id")),
                 pl.col("template_key").fill_null("(none)"),
             ).alias("dup_message")
         )
