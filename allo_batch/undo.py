@@ -71,9 +71,15 @@ def plan_undo(
         msg = f"{results}: no such result file"
         raise UsageError(msg)
     source, target = undo_paths(results, output)
-    written = _written_targets(read_results(results))
+    frame = read_results(results)
     images = _first_images(read_before_images(results))
-    joined = written.join(images, on=["call_id", "_target"], how="left")
+    written = _written_targets(frame)
+    # A row found already right may hold our own write: one that landed in flight before a
+    # kill and was read back by the rerun. Its before-image says a run of ours meant to write it.
+    ours = _unchanged_targets(frame).join(images, on=["call_id", "_target"], how="inner")
+    joined = pl.concat(
+        [written.join(images, on=["call_id", "_target"], how="left"), ours], how="vertical"
+    ).unique(subset=["call_id", "_target"], keep="first", maintain_order=True)
     plan = UndoPlan(source, target)
     no_image = joined.filter(pl.col("found").is_null())
     no_before = joined.filter(pl.col("found").is_not_null() & (pl.col("found") != "summary"))
@@ -106,6 +112,24 @@ def _written_targets(frame: pl.DataFrame) -> pl.DataFrame:
     )
     return (
         frame.filter(landed & pl.col("call_id").is_not_null())
+        .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
+        .unique(subset=["call_id", "_target"], keep="last", maintain_order=True)
+        .select(
+            "row",
+            "call_id",
+            "template_key",
+            "_target",
+            pl.col("content_sha256").alias("written_sha256"),
+        )
+    )
+
+
+def _unchanged_targets(frame: pl.DataFrame) -> pl.DataFrame:
+    """Targets a run found already holding their content, in :func:`_written_targets`' form."""
+    import polars as pl
+
+    return (
+        frame.filter((pl.col("status") == "unchanged") & pl.col("call_id").is_not_null())
         .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
         .unique(subset=["call_id", "_target"], keep="last", maintain_order=True)
         .select(

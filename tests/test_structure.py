@@ -48,11 +48,12 @@ def test_only_the_pipeline_and_the_cli_import_more_than_one_stage() -> None:
         assert len(stages) <= 1, f"{path.name} imports stages {sorted(stages)}"
 
 
-def test_the_cli_holds_no_orchestration() -> None:
-    """cli.py stays a translator: short, and it never imports a stage directly except report's
-    console (printing is its job)."""
-    source = PACKAGE / "cli.py"
-    assert len(source.read_text().splitlines()) < 500
+@pytest.mark.parametrize("name", ["__init__", "options", "running", "local", "sandbox"])
+def test_the_cli_holds_no_orchestration(name: str) -> None:
+    """The command line stays a translator: small modules that import no stage except report's
+    console and formatting (printing is its job)."""
+    source = PACKAGE / "cli" / f"{name}.py"
+    assert len(source.read_text().splitlines()) < 300
     assert imported_modules(source) & STAGES <= {"report"}
 
 
