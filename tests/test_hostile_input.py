@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from allo_batch.errors import InputError
 from allo_batch.read import iter_batches, key_batches, open_input
 from allo_batch.validate import duplicates_in, validate_batch
 
+_BLOCK = 1 << 20  # pyarrow's block size in allo_batch.read
 SECRET = "ak_live_" + "7Hq2xVb9Lm4Kp8Rt3Wz6Yc1Nd5Fg0Js" * 2  # 72 characters
 
 
@@ -287,6 +290,28 @@ def test_other_ndjson_columns_may_hold_anything(tmp_path: Path) -> None:
     assert read_all(path, "ndjson").rows() == [(0, "cll-1", None, "a"), (1, "cll-2", None, None)]
 
 
+@pytest.mark.parametrize("end", [b"\n", b"\r"])
+@pytest.mark.parametrize("line", [b"null", b"  null", b"nullx", b"null {}"])
+def test_a_line_that_would_crash_pyarrow_is_refused(
+    tmp_path: Path, end: bytes, line: bytes
+) -> None:
+    """pyarrow 26 dies (SIGSEGV) on such a line at the start of a block: here the second 1 MB
+    block. In a child process, so that a regression fails this test, not the whole run."""
+    path = tmp_path / "nulls.ndjson"
+    record = b'{"call_id": "cll-1", "content": "' + b"x" * 28 + b'"}' + end  # 64 bytes
+    assert len(record) == 64
+    path.write_bytes(record * (_BLOCK // 64) + line + end + record * 10)
+    done = subprocess.run(
+        [sys.executable, "-m", "allo_batch", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot read it as ndjson" in done.stderr
+
+
 # -- 6. fields larger than a block -------------------------------------------------------------
 
 
@@ -536,7 +561,7 @@ json_line = st.one_of(
 
 
 @settings(max_examples=120, deadline=None)
-@given(lines=st.lists(json_line, max_size=6), end=st.sampled_from(["\n", "\r\n"]))
+@given(lines=st.lists(json_line, max_size=6), end=st.sampled_from(["\n", "\r\n", "\r"]))
 def test_any_ndjson_shaped_text_ends_in_a_documented_exit_code(lines: list[str], end: str) -> None:
     check_cli_on(end.join(lines).encode(), ".ndjson")
 

@@ -152,7 +152,9 @@ rows_strategy = st.lists(
                 st.none(), st.sampled_from(["cll-1", "cll-2", "msg-1", "x", *ODD_IDS]), text
             ),
             "template_key": st.one_of(st.none(), st.sampled_from([*TEMPLATE_KEYS, "BAD", ""])),
-            "content": st.one_of(st.none(), st.sampled_from(["a", "b", " ", ""]), text),
+            "content": st.one_of(
+                st.none(), st.sampled_from(["a", "b", " ", "", "\x1f", "\u3000"]), text
+            ),
         }
     ),
     max_size=30,
@@ -189,17 +191,41 @@ def test_any_written_file_round_trips(
     assert read.select("call_id", "template_key", "content").rows() == frame.rows()
 
 
+# Unicode's White_Space, what "blank" and "surrounding white space" mean. Python's str.strip
+# also takes \x1c-\x1f away (control characters, not white space).
+WHITE_SPACE = "".join(
+    chr(code)
+    for code in (
+        *range(0x09, 0x0E),
+        0x20,
+        0x85,
+        0xA0,
+        0x1680,
+        *range(0x2000, 0x200B),
+        0x2028,
+        0x2029,
+        0x202F,
+        0x205F,
+        0x3000,
+    )
+)
+
+
 def reference_codes(rows: list[dict[str, Any]]) -> list[str | None]:
     """A plain-Python statement of DESIGN §4, to hold the vectorised checks to."""
 
     def own(row: dict[str, Any]) -> str | None:
         call_id, content = row["call_id"], row["content"]
-        template = (row["template_key"] or "").strip() or None
-        if call_id is None or not call_id.startswith("cll-") or call_id != call_id.strip():
+        template = (row["template_key"] or "").strip(WHITE_SPACE) or None
+        if (
+            call_id is None
+            or not call_id.startswith("cll-")
+            or call_id != call_id.strip(WHITE_SPACE)
+        ):
             return "INVALID_ITEM_ID"
         if any(unicodedata.category(ch) == "Cc" for ch in call_id):
             return "INVALID_ITEM_ID"
-        if content is None or not content.strip() or len(content) > MAX_CONTENT_CHARS:
+        if content is None or not content.strip(WHITE_SPACE) or len(content) > MAX_CONTENT_CHARS:
             return "INVALID_REQUEST_BODY"
         if template is not None and template not in TEMPLATE_KEYS:
             return "INVALID_REQUEST_BODY"
@@ -209,11 +235,11 @@ def reference_codes(rows: list[dict[str, Any]]) -> list[str | None]:
     targets: dict[tuple[str, str | None], set[str]] = {}
     for row, code in zip(rows, codes, strict=True):
         if code is None:
-            key = (row["call_id"], (row["template_key"] or "").strip() or None)
+            key = (row["call_id"], (row["template_key"] or "").strip(WHITE_SPACE) or None)
             targets.setdefault(key, set()).add(row["content"])
     for i, row in enumerate(rows):
         if codes[i] is None:
-            key = (row["call_id"], (row["template_key"] or "").strip() or None)
+            key = (row["call_id"], (row["template_key"] or "").strip(WHITE_SPACE) or None)
             if len(targets[key]) > 1:
                 codes[i] = "DUPLICATE_ROW"
     return codes
