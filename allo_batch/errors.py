@@ -48,6 +48,11 @@ class AlloBatchError(Exception):
         #: The figures of a run that had started (stops and interruptions), else None.
         self.summary: RunSummary | None = None
 
+    def restate(self, message: str) -> None:
+        """Replace the message once more is known (the final count of a stop)."""
+        self.message = message
+        self.args = (message,)
+
 
 class UsageError(AlloBatchError):
     """Bad options or configuration; nothing was sent."""

@@ -37,6 +37,7 @@ from allo_batch.errors import (
     ExitCode,
     InterruptedRunError,
     OutputConflictError,
+    TooManyErrorsError,
     UsageError,
 )
 from allo_batch.lock import OutputLock
@@ -585,6 +586,11 @@ def _summarize(
 ) -> RunSummary:
     sender = sending.sender
     stopped = sender.stop_error if sender is not None else None
+    if isinstance(stopped, TooManyErrorsError):
+        # Rows in flight at the stop may fail too: say how many failed in the end.
+        stopped.restate(
+            f"{recorder.counts['failed']} rows failed (--max-errors {config.max_errors})"
+        )
     summary = RunSummary(
         rows=recorder.rows,
         by_status=dict(recorder.counts),

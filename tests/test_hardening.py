@@ -1,0 +1,310 @@
+"""Hostile ids, key files and links, runs that must never lose history, clear exits, outages:
+each class with the exit code and the exact message a user sees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from allo_batch.cli import cli
+from allo_batch.errors import ExitCode
+from allo_batch.record import journal_path, read_results
+from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.sandbox.world import World
+from tests.conftest import SandboxFactory
+
+KEY = "ak_hardening_key_88d2"
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None) -> Any:
+    environment = {"ALLO_API_KEY": KEY} if env is None else env
+    return CliRunner().invoke(cli, args, env=environment, catch_exceptions=False)
+
+
+def world_of(*call_ids: str, rate: int = 200) -> World:
+    world = build_world(seed_pairs=[(c, None) for c in call_ids])
+    world.add_key(ApiKey(key=KEY, write_per_second=rate, read_per_second=rate))
+    return world
+
+
+def write(path: Path, call_ids: list[str], prefix: str = "fix") -> Path:
+    pl.DataFrame({"call_id": call_ids, "content": [f"{prefix} {c}" for c in call_ids]}).write_csv(
+        path
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "cll-x/../../../../../v2/api/webhooks/wh-1#",
+        "cll-x?id=1",
+        "cll-x/summary",
+        "cll-x%2F..%2Fme",
+        "cll-..",
+    ],
+)
+def test_a_call_id_travels_as_one_encoded_path_segment(
+    sandbox_factory: SandboxFactory, tmp_path: Path, hostile: str
+) -> None:
+    """A path-traversing id addresses a call with that literal id (404), never another route."""
+    source = write(tmp_path / "in.csv", [hostile, "cll-ok"])
+    with sandbox_factory(world_of("cll-ok"), api_key=KEY) as sandbox:
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "-o",
+                str(tmp_path / "r.csv"),
+                "--base-url",
+                sandbox.base_url,
+                "--blind",
+            ]
+        )
+        counters = sandbox.state()["counters"]
+    assert result.exit_code == 1
+    rows = read_results(tmp_path / "r.csv")
+    assert rows["error_code"].to_list() == ["CONVERSATION_ITEM_NOT_FOUND", None]
+    assert counters["patch"] == 2
+    assert counters.get("unknown_route", 0) == counters.get("wrong_method", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("# my key\nak_live_abcdef\n", "has 2 non-blank lines; it must hold the key alone"),
+        ("ak_live_abcdef\nak_live_second\n", "has 2 non-blank lines"),
+        ("ak_live_abc def\n", "white space or control characters; it is refused"),
+        ("ak_live_abc\tdef\n", "white space or control characters"),
+        ("\n\n", "the API key file is empty"),
+    ],
+)
+def test_a_key_file_is_one_line_and_never_echoed(tmp_path: Path, text: str, message: str) -> None:
+    """A comment, a second line or white space inside: exit 2, the file named, the key not."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    key_file = tmp_path / "key"
+    key_file.write_text(text)
+    key_file.chmod(0o600)
+    result = invoke(["run", str(source), "--api-key-file", str(key_file)], env={})
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert f"{key_file}:" in result.stderr
+    for secret in ("ak_live_abcdef", "ak_live_second", "ak_live_abc"):
+        assert secret not in result.output
+
+
+def test_a_key_file_others_can_read_is_used_with_a_warning(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """As ssh does: a group- or world-readable key file gets a warning (and CRLF is fine)."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{KEY}\r\n")
+    key_file.chmod(0o644)
+    with sandbox_factory(world_of("cll-1"), api_key=KEY) as sandbox:
+        result = invoke(
+            ["run", str(source), "--api-key-file", str(key_file), "--base-url", sandbox.base_url],
+            env={},
+        )
+    assert result.exit_code == 0, result.output
+    assert "readable by others (mode 0o644); chmod 600 it" in result.stderr
+    assert KEY not in result.output
+
+
+@pytest.mark.parametrize("sidecar", ["journal", "lock"])
+def test_a_planted_link_beside_the_output_is_refused(tmp_path: Path, sidecar: str) -> None:
+    """<output>.journal or .lock as a symbolic link: exit 2, and its target is untouched."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    output = tmp_path / "out.csv"
+    target = tmp_path / "precious"
+    target.write_text("keep\n")
+    link = journal_path(output) if sidecar == "journal" else output.with_name("out.csv.lock")
+    link.symlink_to(target)
+    result = invoke(["run", str(source), "-o", str(output), "--base-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert f"{link}: is a symbolic link; allo-batch does not write through links" in result.stderr
+    assert target.read_text() == "keep\n"
+
+
+def test_no_sequence_of_runs_drops_a_landed_row(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """Full run, --limit 5, --dry-run, full run again: landed rows keep their version and
+    status, and the last run sends nothing (400 rows, 400 writes in all)."""
+    ids = [f"cll-{i:04d}" for i in range(400)]
+    source = write(tmp_path / "in.csv", ids)
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world_of(*ids, rate=1000), api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        common = ["run", str(source), "-o", str(output), "--base-url", url, "--json"]
+        assert invoke(common).exit_code == 0
+        versions = read_results(output)["version"].to_list()
+        canary = invoke([*common, "--limit", "5"])
+        dry = invoke([*common, "--dry-run"])
+        last = invoke(common)
+        writes = sandbox.state()["counters"]["writes_applied"]
+    for run in (canary, dry, last):
+        assert run.exit_code == 0, run.output
+        assert json.loads(run.stdout)["by_status"] == {"skipped": 400}
+    assert read_results(output)["version"].to_list() == versions == [2] * 400
+    assert writes == 400
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".ndjson"])
+@pytest.mark.parametrize("content", [b"", b"call_id,content\n"])
+def test_an_empty_job_is_a_valid_job_for_every_command(
+    tmp_path: Path, suffix: str, content: bytes
+) -> None:
+    """0 bytes, or a header only: exit 0, and the result file is read by a rerun and report."""
+    source = tmp_path / "in.csv"
+    source.write_bytes(content)
+    output = tmp_path / f"out{suffix}"
+    args = ["run", str(source), "-o", str(output), "--dry-run"]
+    first = invoke(args, env={})
+    again = invoke(args, env={})
+    report = invoke(["report", str(output)], env={})
+    assert (first.exit_code, again.exit_code, report.exit_code) == (0, 0, 0), report.output
+    assert "0 rows" in report.output
+
+
+def test_a_missing_output_folder_is_made_and_an_impossible_one_is_exit_2(tmp_path: Path) -> None:
+    """-o into a new folder works; under a file it is exit 2 naming the folder."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    made = invoke(
+        ["run", str(source), "-o", str(tmp_path / "new" / "deep" / "r.csv"), "--dry-run"], env={}
+    )
+    assert made.exit_code == 0, made.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    refused = invoke(["run", str(source), "-o", str(blocker / "r.csv"), "--dry-run"], env={})
+    assert refused.exit_code == 2
+    assert f"{blocker}: cannot make the output folder" in refused.stderr
+
+
+def test_the_output_cannot_be_the_input(tmp_path: Path) -> None:
+    """-o naming the input file itself is refused before anything is read or written."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    result = invoke(["run", str(source), "-o", str(source), "--dry-run"], env={})
+    assert result.exit_code == 2
+    assert f"--output {source} is the input file itself" in result.stderr
+    assert source.read_text().startswith("call_id,content")
+
+
+def test_max_errors_says_how_many_rows_actually_failed(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """The stop message counts the rows that failed, including those finishing in flight."""
+    source = write(tmp_path / "in.csv", [f"cll-missing-{i}" for i in range(40)])
+    with sandbox_factory(world_of("cll-other", rate=1000), api_key=KEY) as sandbox:
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "-o",
+                str(tmp_path / "r.csv"),
+                "--base-url",
+                sandbox.base_url,
+                "--blind",
+                "--max-errors",
+                "3",
+                "--json",
+            ]
+        )
+    summary = json.loads(result.stdout)
+    failed = summary["by_status"]["failed"]
+    assert result.exit_code == 3
+    assert failed >= 3
+    assert summary["stopped_reason"] == f"{failed} rows failed (--max-errors 3)"
+
+
+def test_a_bug_exits_70_with_one_line_and_a_saved_traceback_and_loses_nothing(
+    sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error mid-run: exit 70 (not 1, which means 'rows failed'), one line that
+    names the saved traceback, the journal kept; the rerun resumes and sends only the rest."""
+    from allo_batch import record
+
+    ids = [f"cll-{i:03d}" for i in range(60)]
+    source = write(tmp_path / "in.csv", ids)
+    output = tmp_path / "out.csv"
+    real = record.Recorder.finished
+    seen = {"n": 0}
+
+    def flaky(self: record.Recorder, result: Any) -> None:
+        seen["n"] += 1
+        if seen["n"] == 30:
+            raise RuntimeError("a bug in the recorder")
+        real(self, result)
+
+    with sandbox_factory(world_of(*ids), api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url]
+        monkeypatch.setattr(record.Recorder, "finished", flaky)
+        crashed = invoke(args)
+        monkeypatch.setattr(record.Recorder, "finished", real)
+        assert journal_path(output).exists()
+        landed = sandbox.state()["counters"]["writes_applied"]
+        rerun = invoke([*args, "--json"])
+        writes = sandbox.state()["counters"]["writes_applied"]
+    assert crashed.exit_code == ExitCode.INTERNAL == 70
+    [line] = crashed.stderr.strip().splitlines()[-1:]
+    assert line.startswith("allo-batch: internal error (")
+    saved = Path(line.split("Traceback saved to ")[1].split(";")[0])
+    assert "a bug in the recorder" in saved.read_text()
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert "Traceback (most recent call last)" not in crashed.stderr
+    assert rerun.exit_code == 0
+    assert writes - landed <= 60 - 29 + 8  # the rest, plus at most the requests then in flight
+
+
+def test_a_ten_second_outage_is_ridden_out(sandbox_factory: SandboxFactory, tmp_path: Path) -> None:
+    """The API refuses connections for 10 s mid-run (a deploy): the run waits, says so, and
+    finishes with exit 0, every row landed once (or resent only if it was in flight)."""
+    ids = [f"cll-{i:03d}" for i in range(120)]
+    source = write(tmp_path / "in.csv", ids)
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world_of(*ids, rate=10), api_key=KEY) as sandbox:
+
+        def restart() -> None:
+            deadline = time.monotonic() + 20
+            while sandbox.app.counters.get("writes_applied", 0) < 30:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+            sandbox.outage(10)
+
+        outage = threading.Thread(target=restart)
+        outage.start()
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "-o",
+                str(output),
+                "--base-url",
+                sandbox.base_url,
+                "--blind",
+                "--json",
+                "--log-format",
+                "json",
+                "--log-interval",
+                "1",
+            ]
+        )
+        outage.join(timeout=30)
+        state = sandbox.state()
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["by_status"] == {"updated": 120}
+    writes = [s["writes"] for s in state["summaries"]]
+    assert all(w >= 1 for w in writes)
+    assert sum(writes) <= 120 + 2  # at most the requests in flight when the port closed
+    notes = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any("API unreachable for" in (n.get("note") or "") for n in notes)
