@@ -3,9 +3,7 @@ each class with the exit code and the exact message a user sees."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
