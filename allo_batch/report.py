@@ -245,9 +245,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def format_summary(summary: RunSummary) -> str:
-    """The end-of-run summary as a few human lines."""
-    lines = [f"allo-batch {'dry run' if summary.dry_run else 'run'}: {summary.rows} rows"]
+def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
+    """The end-of-run summary as a few human lines, under ``title`` (default: what ran)."""
+    what = "dry run" if summary.dry_run else "run"
+    lines = [title or f"allo-batch {what}: {summary.rows} rows"]
     for status in STATUSES:
         if summary.by_status.get(status):
             lines.append(f"  {status:<9} {summary.by_status[status]}")

@@ -74,7 +74,11 @@ def _summary(request: ReportRequest) -> str:
     from allo_batch.report import format_summary, summarize_file, summary_json
 
     summary = summarize_file(request.result)
-    return summary_json(summary) if request.as_json else format_summary(summary)
+    if request.as_json:
+        return summary_json(summary)
+    what = "a dry run" if summary.dry_run else "a run"
+    title = f"allo-batch report: {request.result}, {what} of {summary.rows} rows"
+    return format_summary(summary, title=title)
 
 
 def _lines(request: ReportRequest, facts: ResultFacts, out: ReportOutput) -> dict[int, int]:
