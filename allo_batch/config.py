@@ -92,6 +92,7 @@ class JobConfig:
     limit: int | None = None
     auth: AuthForm = "auto"
     write_always: bool = False
+    verify: bool = False
     blind: bool = False
     dry_run: bool = False
     force: bool = False

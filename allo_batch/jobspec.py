@@ -366,6 +366,7 @@ def _config(
         limit=options.limit,
         auth=options.auth or "auto",
         write_always=bool(options.write_always),
+        verify=bool(options.verify),
         blind=bool(options.blind),
         dry_run=request.dry_run,
         force=request.force,

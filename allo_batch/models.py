@@ -133,6 +133,8 @@ class RunSummary:
     rate_limited: int = 0
     in_doubt_resent: int = 0
     changes: dict[str, int] = field(default_factory=dict)
+    verified: int | None = None  # --verify: targets read back after the writes
+    verify_differs: int | None = None  # ... of which read back differently
     rate_limit: float | None = None
     achieved_rate: float | None = None
     latency_p50_ms: float | None = None

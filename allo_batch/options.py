@@ -165,6 +165,12 @@ RUN_OPTIONS: Final = (
         "(before-images are still kept).",
     ),
     Option(
+        name="verify",
+        kind="flag",
+        help="After the writes, read the landed targets again and list rows whose read differs "
+        "from what was sent (normalised by the API, or reads lagging); nothing is resent.",
+    ),
+    Option(
         name="blind",
         kind="flag",
         help="Write without reading first: no before-images, no undo, nothing skipped as "
@@ -207,6 +213,7 @@ class RunOptions:
     limit: int | None = None
     auth: AuthForm | None = None
     write_always: bool | None = None
+    verify: bool | None = None
     blind: bool | None = None
     log_format: LogFormat | None = None
     log_interval: float | None = None

@@ -281,6 +281,7 @@ class _Sending:
     looker: Looker | None = None
     rate: float | None = None
     auth_form: str | None = None
+    verify: dict[str, Any] | None = None
 
 
 async def _execute(
@@ -307,6 +308,7 @@ async def _execute(
         summary,
         timeline=sender.stats.timeline.as_dict() if sender is not None else None,
         auth_form=sending.auth_form,
+        verify=sending.verify,
     )
     stop = sender.stop_error if sender is not None and not config.dry_run else None
     if stop is not None:
@@ -316,11 +318,13 @@ async def _execute(
 
 
 class _Reported:
-    """What the sender reports goes to the recorder, and teaches the look stage about calls."""
+    """What the sender reports goes to the recorder, teaches the look stage about calls, and
+    (with ``--verify``) lists the rows that landed, to read them back at the end."""
 
-    def __init__(self, recorder: Recorder, facts: CallFacts | None) -> None:
+    def __init__(self, recorder: Recorder, facts: CallFacts | None, *, verify: bool) -> None:
         self._recorder = recorder
         self._facts = facts
+        self.landed: list[PlannedRequest] | None = [] if verify else None
 
     def sending(self, request: PlannedRequest, request_id: str) -> None:
         self._recorder.sending(request, request_id)
@@ -328,6 +332,12 @@ class _Reported:
     def finished(self, result: RowResult) -> None:
         if self._facts is not None:
             self._facts.learn(result)
+        if self.landed is not None and result.status == "updated" and result.call_id:
+            self.landed.append(
+                PlannedRequest(
+                    result.row, result.call_id, result.template_key, result.content_sha256, b""
+                )
+            )
         self._recorder.finished(result)
 
 
@@ -361,10 +371,11 @@ async def _connected(
         client = AlloClient(lanes, config.base_url, config.api_key, auth=auth)
         pacer = Pacer(checked.rate / (1.0 + config.jitter_margin))
         facts = CallFacts(set(prepared.two_templates), set())
+        reported = _Reported(recorder, facts, verify=config.verify and reading)
         sender = Sender(
             client,
             pacer,
-            _Reported(recorder, facts),
+            reported,
             policy=config.retry,
             max_errors=config.max_errors,
             watch=WindowWatch(pacer),
@@ -390,8 +401,41 @@ async def _connected(
             )
             sending.looker = looker
         await _flow(config, prepared, recorder, reporter, sender, looker, workers)
+        if looker is not None and reported.landed and not sender.stopping:
+            sending.verify = await _verify(looker, reported.landed)
         if looker is not None and before is not None:
             before.compact()
+
+
+async def _verify(looker: Looker, landed: list[PlannedRequest]) -> dict[str, Any]:
+    """``--verify``: read back every target written in this run (certain reads only, so a
+    two-template call is not compared with its other summary) and list those that differ."""
+    differs: list[dict[str, Any]] = []
+    checked = 0
+    for start in range(0, len(landed), MAX_BATCH_IDS):
+        for item in await looker.looked(landed[start : start + MAX_BATCH_IDS]):
+            if not item.certain:
+                continue
+            checked += 1
+            if item.current.sha256 != item.request.content_sha256:
+                differs.append(
+                    {
+                        "row": item.request.row,
+                        "call_id": item.request.call_id,
+                        "template_key": item.request.template_key,
+                        "found": item.current.found,
+                    }
+                )
+    if differs:
+        log.warning(
+            "--verify: %d of %d targets read back differently from what was sent (rows %s%s): "
+            "the API normalised them, or its reads lag behind writes",
+            len(differs),
+            checked,
+            ", ".join(str(d["row"]) for d in differs[:10]),
+            ", ..." if len(differs) > 10 else "",
+        )
+    return {"checked": checked, "differs": len(differs), "rows": differs[:1000]}
 
 
 def _keeper(before: BeforeImages | None) -> Callable[[list[Looked]], None]:
@@ -605,6 +649,9 @@ def _summarize(
     )
     if sending.looker is not None:
         summary.changes = dict(sending.looker.changes)
+    if sending.verify is not None:
+        summary.verified = sending.verify["checked"]
+        summary.verify_differs = sending.verify["differs"]
     if sender is not None:
         stats = sender.stats
         summary.reads = stats.reads

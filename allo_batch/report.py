@@ -265,6 +265,11 @@ def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
         if summary.latency_p50_ms is not None:
             p50, p95 = summary.latency_p50_ms, summary.latency_p95_ms or 0.0
             lines.append(f"  latency   p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    if summary.verified is not None:
+        lines.append(
+            f"  verify    {summary.verified} read back, {summary.verify_differs} differ"
+            + (" (listed in the sidecar)" if summary.verify_differs else "")
+        )
     if summary.in_doubt_resent:
         lines.append(
             f"  resent {summary.in_doubt_resent} rows whose earlier answer was lost in flight"
