@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+from datetime import datetime, timedelta
 import logging
 import math
 import os
@@ -90,6 +91,7 @@ class JobConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_errors: int | None = None
     limit: int | None = None
+    finish_by: datetime | None = None  # aware; see parse_deadline
     auth: AuthForm = "auto"
     write_always: bool = False
     verify: bool = False
@@ -199,6 +201,22 @@ def _check_key(key: str, where: str) -> None:
     if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in key):
         msg = f"{where}: the API key holds white space or control characters; it is refused"
         raise UsageError(msg)
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> datetime:
+    """``--finish-by``: an ISO 8601 date-time (local time when it has no offset), or ``HH:MM``
+    for the next such local time (tomorrow's when today's has passed)."""
+    current = now or datetime.now().astimezone()
+    try:
+        if len(text) <= 5 and ":" in text:
+            hour, minute = (int(part) for part in text.split(":"))
+            deadline = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            return deadline if deadline > current else deadline + timedelta(days=1)
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        msg = f"--finish-by {text!r}: use an ISO 8601 date-time (2026-11-26T06:00) or HH:MM"
+        raise UsageError(msg) from None
+    return parsed if parsed.tzinfo else parsed.astimezone()
 
 
 def check_base_url(url: str) -> str:

@@ -10,6 +10,7 @@
     │   ├── AuthRefusedError         3   401/403: the key was refused
     │   ├── TooManyErrorsError       3   --max-errors reached
     │   ├── ApiUnavailableError      3   the API kept failing
+    │   ├── DeadlineError            3   --finish-by passed: the next window resumes
     │   └── LockedError              3   another run holds this output
     └── InterruptedRunError          130 SIGINT/SIGTERM; all that landed is recorded
 
@@ -82,6 +83,10 @@ class TooManyErrorsError(RunStoppedError):
 
 class ApiUnavailableError(RunStoppedError):
     """The API kept failing with transient errors."""
+
+
+class DeadlineError(RunStoppedError):
+    """The ``--finish-by`` deadline passed; what is left is for the next window's run."""
 
 
 class LockedError(RunStoppedError):

@@ -35,6 +35,7 @@ from allo_batch.config import (
     RetryPolicy,
     Secret,
     api_key_from,
+    parse_deadline,
 )
 from allo_batch.constants import DEFAULT_BASE_URL
 from allo_batch.errors import UsageError
@@ -364,6 +365,7 @@ def _config(
         retry=RetryPolicy(max_attempts=max_attempts, max_outage=float(max_outage)),
         max_errors=options.max_errors,
         limit=options.limit,
+        finish_by=parse_deadline(options.finish_by) if options.finish_by else None,
         auth=options.auth or "auto",
         write_always=bool(options.write_always),
         verify=bool(options.verify),

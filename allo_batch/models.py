@@ -133,6 +133,7 @@ class RunSummary:
     rate_limited: int = 0
     in_doubt_resent: int = 0
     changes: dict[str, int] = field(default_factory=dict)
+    expected_write_seconds: float | None = None  # dry run: the writes' time at the limit
     verified: int | None = None  # --verify: targets read back after the writes
     verify_differs: int | None = None  # ... of which read back differently
     rate_limit: float | None = None

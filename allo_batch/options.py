@@ -149,6 +149,14 @@ RUN_OPTIONS: Final = (
         help="Seconds the API may fail continuously (connection refused, 5xx) before the run "
         "stops with exit 3; until then it retries with capped backoff.",
     ),
+    Option(
+        name="finish_by",
+        kind="string",
+        help="Stop cleanly at this time (ISO 8601, or HH:MM for the next such local time): no "
+        "new rows, requests in flight finish, exit 3; the next window's run resumes. A run "
+        "that cannot finish in time says so at the start.",
+        metavar="TIME",
+    ),
     Option(name="limit", kind="integer", low=0, help="Only the first N rows (a canary run)."),
     Option(
         name="auth",
@@ -211,6 +219,7 @@ class RunOptions:
     max_errors: int | None = None
     max_outage: float | None = None
     limit: int | None = None
+    finish_by: str | None = None
     auth: AuthForm | None = None
     write_always: bool | None = None
     verify: bool | None = None

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from allo_batch.errors import (
     AlloBatchError,
     ApiUnavailableError,
     AuthRefusedError,
+    DeadlineError,
     ExitCode,
     InterruptedRunError,
     OutputConflictError,
@@ -361,6 +363,8 @@ async def _connected(
         checked = await _preflight(probe, config)
         sending.auth_form = probe.auth_form
     sending.rate = checked.rate
+    if not config.dry_run:
+        _warn_if_late(config, prepared, checked.rate)
     workers = 1 if config.dry_run else config.workers(checked.rate)
     reading = not config.blind and checked.refusal is None
     lanes_needed = workers + 1  # the last lane is the look stage's
@@ -458,6 +462,8 @@ async def _flow(
     send, receive = anyio.create_memory_object_stream[PlannedRequest](workers * 4)
     async with anyio.create_task_group() as outer:
         outer.start_soon(sender.enforce_grace)
+        if config.finish_by is not None and not config.dry_run:
+            outer.start_soon(_stop_at_deadline, sender, config.finish_by)
         outer.start_soon(_tick, reporter, recorder, sender)
         if threading.current_thread() is threading.main_thread():
             outer.start_soon(_watch_signals, sender)
@@ -485,6 +491,43 @@ async def _flow(
                 send.close()
         outer.cancel_scope.cancel()
     _tick_once(reporter, recorder, sender)
+
+
+async def _stop_at_deadline(sender: Sender, deadline: datetime) -> None:
+    """``--finish-by``: at the deadline no new row starts; requests in flight may finish."""
+    await anyio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
+    sender.stop(
+        DeadlineError(
+            f"the --finish-by deadline {deadline.isoformat(timespec='minutes')} passed; "
+            "the next window's run resumes from here"
+        )
+    )
+
+
+def _warn_if_late(config: JobConfig, prepared: _Prepared, rate: float) -> None:
+    """Say at the start when the rows left cannot all be written before ``--finish-by``."""
+    if config.finish_by is None:
+        return
+    left = (config.finish_by - datetime.now(UTC)).total_seconds()
+    rows = max(prepared.total - prepared.done.height, 0)
+    need = rows / rate
+    if need > left:
+        log.warning(
+            "about %d rows left need about %s at %g writes/s, but --finish-by %s is %s away: "
+            "the run will stop then, and the next window's run resumes",
+            rows,
+            _duration(need),
+            rate,
+            config.finish_by.isoformat(timespec="minutes"),
+            _duration(max(left, 0.0)),
+        )
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    if whole >= 3600:
+        return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+    return f"{whole // 60} min {whole % 60:02d} s" if whole >= 60 else f"{whole} s"
 
 
 async def _record_dry(
@@ -621,6 +664,11 @@ def _tick_once(reporter: Reporter, recorder: Recorder, sender: Sender) -> None:
     )
 
 
+def _unchanged(sending: _Sending) -> int:
+    """Rows a dry run's reads found already right (they would not be written)."""
+    return sending.looker.changes.get("unchanged", 0) if sending.looker is not None else 0
+
+
 def _summarize(
     config: JobConfig,
     prepared: _Prepared,
@@ -649,6 +697,12 @@ def _summarize(
     )
     if sending.looker is not None:
         summary.changes = dict(sending.looker.changes)
+    if config.dry_run:
+        skipped = 0 if config.write_always else _unchanged(sending)
+        would_write = recorder.reasons["dry_run"] - skipped
+        rate = sending.rate or config.rate or float(DEFAULT_WRITE_PER_SECOND)
+        summary.rate_limit = rate
+        summary.expected_write_seconds = round(max(would_write, 0) / rate, 1)
     if sending.verify is not None:
         summary.verified = sending.verify["checked"]
         summary.verify_differs = sending.verify["differs"]

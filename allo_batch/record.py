@@ -446,6 +446,7 @@ class Recorder:
         self.output = output
         self.counts: Counter[str] = Counter()
         self.codes: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
         self.deferred = 0
         self._input_facts = input_facts
         self._results = OrderedResults(output)
@@ -510,6 +511,8 @@ class Recorder:
 
     def _count(self, result: RowResult) -> None:
         self.counts[result.status] += 1
+        if result.reason is not None:
+            self.reasons[result.reason] += 1
         if result.deferred:
             self.deferred += 1
         if result.error_code:

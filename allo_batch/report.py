@@ -145,7 +145,7 @@ class LogReporter(_Periodic):
             return
         of = f"/{self._total} ({100 * done // max(self._total, 1)}%)" if self._total else ""
         left = self._eta(done, now)
-        eta = f", ETA {_duration(left)}" if left is not None else ""
+        eta = f", ETA {_duration(left)} (ends ~{_clock_in(left)})" if left is not None else ""
         line = f"allo-batch: {done}{of} rows, {_counts_text(counts, rate, unreachable_for)}{eta}"
         print(line, file=self._stream, flush=True)
 
@@ -212,6 +212,7 @@ class JsonLogReporter(_Periodic):
             by_status={s: counts[s] for s in STATUSES if counts.get(s)},
             requests_per_second=round(rate, 2) if rate else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
+            expected_end=_wall_in(eta) if eta is not None else None,
             unreachable_seconds=round(unreachable_for) if unreachable_for else None,
             note=_unreachable_text(unreachable_for),
         )
@@ -234,6 +235,18 @@ def _unreachable_text(seconds: float | None) -> str | None:
     if seconds is None or seconds < 1:
         return None
     return f"API unreachable for {seconds:.0f} s, retrying"
+
+
+def _wall_in(seconds: float) -> str:
+    """The UTC time ``seconds`` from now, ISO 8601."""
+    from datetime import UTC, datetime, timedelta
+
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+
+
+def _clock_in(seconds: float) -> str:
+    """The local clock time ``seconds`` from now, as people read it."""
+    return time.strftime("%H:%M", time.localtime(time.time() + seconds))
 
 
 def _duration(seconds: float) -> str:
@@ -265,6 +278,11 @@ def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
         if summary.latency_p50_ms is not None:
             p50, p95 = summary.latency_p50_ms, summary.latency_p95_ms or 0.0
             lines.append(f"  latency   p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    if summary.expected_write_seconds is not None:
+        lines.append(
+            f"  writes    would take about {_duration(summary.expected_write_seconds)}"
+            f" at {summary.rate_limit:g}/s"
+        )
     if summary.verified is not None:
         lines.append(
             f"  verify    {summary.verified} read back, {summary.verify_differs} differ"

@@ -1,0 +1,78 @@
+"""Plan the time: a dry run says how long the writes take at the key's limit, and --finish-by
+stops a run cleanly at its deadline so that the next window's run resumes."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from allo_batch.cli import cli
+from allo_batch.config import parse_deadline
+from allo_batch.errors import UsageError
+from allo_batch.record import read_results
+from allo_batch.sandbox import ApiKey, build_world
+from tests.conftest import SandboxFactory
+
+KEY = "ak_deadline_key_0e5c"
+
+
+def invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(cli, args, env={"ALLO_API_KEY": KEY}, catch_exceptions=False)
+
+
+def test_a_deadline_is_iso_8601_or_the_next_hh_mm() -> None:
+    """HH:MM is the next such local time; an ISO time without offset is local; junk is exit 2."""
+    now = datetime(2026, 11, 25, 22, 30).astimezone()
+    assert parse_deadline("06:00", now) == (now + timedelta(hours=7, minutes=30))
+    assert parse_deadline("23:00", now) == now.replace(hour=23, minute=0)
+    assert parse_deadline("2026-11-26T06:00:00+00:00", now).utcoffset() == timedelta(0)
+    assert parse_deadline("2026-11-26T06:00", now).tzinfo is not None
+    with pytest.raises(UsageError, match="--finish-by 'tomorrow'"):
+        parse_deadline("tomorrow", now)
+
+
+def test_a_run_that_cannot_finish_says_so_stops_at_the_deadline_and_a_rerun_finishes(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """80 rows at 10/s need 8 s; a deadline 2 s away: warned at the start, stopped at it (exit 3,
+    reason named, result file written), and the rerun lands the rest, every row once."""
+    ids = [f"cll-{i:03d}" for i in range(80)]
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]}).write_csv(source)
+    world = build_world(seed_pairs=[(c, None) for c in ids])
+    world.add_key(ApiKey(key=KEY, write_per_second=10, read_per_second=10))
+    output = tmp_path / "out.csv"
+    deadline = (datetime.now().astimezone() + timedelta(seconds=2)).isoformat()
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url, "--json"]
+        stopped = invoke([*args, "--finish-by", deadline])
+        partial = read_results(output)
+        rest = invoke(args)
+        state = sandbox.state()
+    assert stopped.exit_code == 3
+    assert "need about 8 s at 10 writes/s" in stopped.stderr
+    summary = json.loads(stopped.stdout)
+    assert "--finish-by deadline" in summary["stopped_reason"]
+    updated = partial.filter(pl.col("status") == "updated").height
+    assert 5 <= updated <= 40
+    assert rest.exit_code == 0
+    assert json.loads(rest.stdout)["by_status"] == {"skipped": updated, "updated": 80 - updated}
+    assert all(s["writes"] == 1 for s in state["summaries"])
+
+
+def test_a_dry_run_says_how_long_the_writes_would_take(tmp_path: Path) -> None:
+    """Without a key: the rows it would send at the default 5/s, or at --rate."""
+    ids = [f"cll-{i:03d}" for i in range(600)]
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"call_id": ids, "content": ["x"] * 600}).write_csv(source)
+    result = CliRunner().invoke(
+        cli, ["run", str(source), "--dry-run", "--rate", "2"], env={}, catch_exceptions=False
+    )
+    assert result.exit_code == 0
+    assert "writes    would take about 5m00s at 2/s" in result.stderr
