@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timedelta
 import logging
 import math
 import os
 import stat
 import unicodedata
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
