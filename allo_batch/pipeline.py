@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -60,7 +60,7 @@ from allo_batch.models import (
     RowResult,
     RunSummary,
 )
-from allo_batch.plan import Planned, attach_done, plan_batch
+from allo_batch.plan import Planned, PlannedBatch, attach_done, plan_batch, plan_frame
 from allo_batch.preview import Change, Preview, preview_schema, similarity
 from allo_batch.read import (
     Fingerprinter,
@@ -72,12 +72,14 @@ from allo_batch.read import (
 )
 from allo_batch.record import (
     BeforeImages,
+    Mirror,
     OrderedResults,
     Recorder,
     load_earlier,
     output_format,
 )
 from allo_batch.report import NullReporter, Reporter, exit_code_for
+from allo_batch.storage import ObjectUri, output_place, scratch_folder
 from allo_batch.validate import (
     Duplicates,
     find_duplicates,
@@ -105,12 +107,24 @@ class _Prepared:
     done: pl.DataFrame
     in_doubt: int
     two_templates: set[str] = field(default_factory=set)  # earlier: KEY_REQUIRED answers
+    output: Path | None = None  # the result file built here (for an object: its local copy)
+    mirror: Mirror | None = None  # for an output in a store: its uploads
 
     @property
     def total(self) -> int:
         return self.identity.rows
 
-    def planned_batches(self, config: JobConfig) -> Iterator[list[Planned]]:
+    def planned_batches(
+        self, config: JobConfig, *, dry_run: bool = False
+    ) -> Iterator[PlannedBatch]:
+        """Each input batch, validated and planned as frames (``dry_run``: what would be
+        sent is settled too, as when a dry run reads nothing)."""
+        for batch in iter_batches(self.source, config.batch_size):
+            checked = attach_done(validate_batch(batch, self.duplicates), self.done)
+            yield plan_frame(checked, limit=config.limit, dry_run=dry_run)
+
+    def planned_rows(self, config: JobConfig) -> Iterator[list[Planned]]:
+        """The same, one value per row (for ``diff``, which looks at each)."""
         for batch in iter_batches(self.source, config.batch_size):
             checked = attach_done(validate_batch(batch, self.duplicates), self.done)
             yield list(plan_batch(checked, limit=config.limit))
@@ -192,14 +206,22 @@ async def run_job_async(
     output = config.output_path
     output_format(output)
     _check_not_the_input(config)
-    _make_folder(output.parent)
+    if isinstance(output, Path):
+        _make_folder(output.parent)
     if config.api_key is not None or not config.dry_run:
         check_base_url(config.base_url)  # the key goes there, even for a dry run's reads
     if not config.dry_run and config.api_key is None:
         msg = "no API key: set ALLO_API_KEY or pass --api-key-file"
         raise UsageError(msg)
-    with OutputLock(output):
-        prepared = await anyio.to_thread.run_sync(_prepare, config, output)
+    remote_input = isinstance(config.input, ObjectUri)
+    with (
+        output_place(
+            output, config.storage_options, config.state_dir, remote_input=remote_input
+        ) as place,
+        OutputLock(place.local),
+    ):
+        prepared = await anyio.to_thread.run_sync(_prepare, config, place.local, place.spool)
+        prepared.mirror = place.remote
         reporter = reporter or NullReporter()
         reporter.start(prepared.total)
         return await _execute(config, prepared, reporter, transport)
@@ -207,6 +229,11 @@ async def run_job_async(
 
 def _check_not_the_input(config: JobConfig) -> None:
     output = config.output_path
+    if not isinstance(output, Path) or not isinstance(config.input, Path):
+        if output == config.input:
+            msg = f"--output {output} is the input itself; name another result file"
+            raise UsageError(msg)
+        return
     same = output.resolve() == config.input.resolve()
     if same or (output.exists() and config.input.exists() and output.samefile(config.input)):
         msg = f"--output {output} is the input file itself; name another result file"
@@ -233,7 +260,7 @@ def survey(
     One key-only pass gives the fingerprint and every row's target hash; a second pass, only
     when some hash repeats, reads the rows involved and compares them on the real strings.
     """
-    prints = Fingerprinter(source.path)
+    prints = Fingerprinter(source.path, source.origin)
     hashes = []
     for frame in key_batches(source, batch_size):
         prints.add(frame)
@@ -243,13 +270,21 @@ def survey(
     return prints.result(), find_duplicates(iter_batches(source, batch_size, limit), candidates)
 
 
-def _prepare(config: JobConfig, output: Path) -> _Prepared:
-    source = open_input(config.input, config.format, config.columns)
+def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Prepared:
+    source = open_input(
+        config.input, config.format, config.columns, storage=config.storage_options, spool=spool
+    )
     identity, duplicates = survey(source, config.batch_size, config.limit)
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)
     return _Prepared(
-        source, identity, duplicates, earlier.done, earlier.in_doubt, earlier.two_templates
+        source,
+        identity,
+        duplicates,
+        earlier.done,
+        earlier.in_doubt,
+        earlier.two_templates,
+        output=output,
     )
 
 
@@ -290,13 +325,18 @@ async def _execute(
     config: JobConfig, prepared: _Prepared, reporter: Reporter, transport: Any
 ) -> RunSummary:
     started = time.monotonic()
+    assert prepared.output is not None
     recorder = Recorder(
-        config.output_path, prepared.identity.as_dict(), journaled=not config.dry_run
+        prepared.output,
+        prepared.identity.as_dict(),
+        journaled=not config.dry_run,
+        mirror=prepared.mirror,
+        checkpoint_every=config.checkpoint_interval,
     )
     sending = _Sending()
     try:
         if config.api_key is None:  # a dry run without a key plans, reading nothing
-            await _produce(prepared.planned_batches(config), recorder, None, dry_run=True)
+            await _produce(prepared.planned_batches(config, dry_run=True), recorder, None)
         else:
             await _connected(config, prepared, recorder, reporter, transport, sending)
     except BaseException:
@@ -392,7 +432,7 @@ async def _connected(
                 log.warning("dry run without reads: %s", checked.refusal.message)
         looker = None
         if reading:
-            before = None if config.dry_run else BeforeImages(config.output_path, _run_id())
+            before = None if config.dry_run else recorder.before_images(_run_id())
             looker = Looker(
                 lambda ids: sender.read_items(ids, lane=workers),
                 facts,
@@ -481,11 +521,10 @@ async def _flow(
             dry_without_reads = config.dry_run and looker is None
             async with send:
                 await _produce(
-                    prepared.planned_batches(config),
+                    prepared.planned_batches(config, dry_run=dry_without_reads),
                     recorder,
                     None if dry_without_reads else send,
                     sender,
-                    dry_run=dry_without_reads,
                 )
             if dry_without_reads:
                 send.close()
@@ -599,26 +638,22 @@ def _scope_message(missing: list[str], scopes: list[Any]) -> str:
 
 
 async def _produce(
-    batches: Iterator[list[Planned]],
+    batches: Iterator[PlannedBatch],
     recorder: Recorder,
     send: MemoryObjectSendStream[PlannedRequest] | None,
     sender: Sender | None = None,
-    *,
-    dry_run: bool = False,
 ) -> None:
-    """Walk the planned batches in order; settled rows go to the recorder, requests down the
-    stream (or, in a dry run without reads, to the recorder as what would be sent; once the
-    run stops, as not sent)."""
+    """Walk the planned batches in order: each batch's settled rows go to the recorder as one
+    frame, its requests down the stream (once the run stops, to the recorder as not sent)."""
     from allo_batch.send import not_sent
 
     while True:
-        items = await anyio.to_thread.run_sync(next, batches, None)
-        if items is None:
+        planned = await anyio.to_thread.run_sync(next, batches, None)
+        if planned is None:
             return
-        for item in items:
-            if isinstance(item, RowResult):
-                recorder.planned(item)
-            elif dry_run or send is None:
+        recorder.batch(planned.first_row, planned.end_row, planned.settled, len(planned.requests))
+        for item in planned.requests:
+            if send is None:
                 recorder.planned(dry_run_result(item))
             elif sender is not None and sender.stopping:
                 recorder.planned(not_sent(item, sender.stop_message()))
@@ -653,6 +688,9 @@ async def _tick(reporter: Reporter, recorder: Recorder, sender: Sender) -> None:
         await anyio.sleep(_TICK_SECONDS)
         _tick_once(reporter, recorder, sender)
         recorder.sync()
+        problem = recorder.problem()  # the output's lock in a store was lost
+        if problem is not None and not sender.stopping:
+            sender.stop(problem)
 
 
 def _tick_once(reporter: Reporter, recorder: Recorder, sender: Sender) -> None:
@@ -726,8 +764,17 @@ def _summarize(
 
 def check_input(config: JobConfig, *, show: int = 5) -> InputCheck:
     """Read and validate ``config.input`` as a run would, sending nothing."""
-    source = open_input(config.input, config.format, config.columns)
-    found = InputCheck(config.input)
+    if not isinstance(config.input, ObjectUri):
+        return _check_input(config, show, None)
+    with scratch_folder(config.state_dir) as spool:
+        return _check_input(config, show, spool)
+
+
+def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck:
+    source = open_input(
+        config.input, config.format, config.columns, storage=config.storage_options, spool=spool
+    )
+    found = InputCheck(cast(Path, config.input))  # an object shows its URI
     _identity, duplicates = survey(source, config.batch_size)
     for batch in iter_batches(source, config.batch_size):
         checked = validate_batch(batch, duplicates)
@@ -838,7 +885,7 @@ async def _preview_items(
     prepared: _Prepared, config: JobConfig, looker: Looker
 ) -> AsyncIterator[RowResult | Looked]:
     """Planned rows in input order: settled ones as they are, requests after their read."""
-    batches = prepared.planned_batches(config)
+    batches = prepared.planned_rows(config)
     while True:
         items = await anyio.to_thread.run_sync(next, batches, None)
         if items is None:

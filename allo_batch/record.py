@@ -12,32 +12,53 @@ it, and it keeps the journal, the ordered result file, the counters and the side
   output's format and renamed into place: it appears whole or not at all.
 - The **done index** is what earlier runs of this output landed: for each ``(call_id,
   template_key)`` the latest content hash that was ``updated``, with its version.
+- For an output in a store (``storage.py``) all of this happens in the output's local state
+  folder, and a :class:`Mirror` uploads it: before-images within a second of being written, the
+  result file whole as a **checkpoint** every ``checkpoint_every`` seconds or
+  ``_CHECKPOINT_ROWS`` rows (the rows settled so far and, for rows not reached yet, what the
+  earlier result file said), and the final result file and sidecar at the end. The journal is
+  removed only once they are uploaded.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
+import logging
 import os
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
-from allo_batch.errors import UsageError
-from allo_batch.models import NO_TEMPLATE, PlannedRequest, RowResult, RunSummary
+from allo_batch.errors import AlloBatchError, UsageError
+from allo_batch.models import (
+    DEFERRED_REASONS,
+    NO_TEMPLATE,
+    PlannedRequest,
+    RowResult,
+    RunSummary,
+)
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from allo_batch.storage import ObjectUri
 
 OutputFormat = Literal["parquet", "csv", "ndjson"]
 _FSYNC_EVERY: Final = 1.0
 _CHUNK_ROWS: Final = 10_000
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+_CHECKPOINT_ROWS: Final = 50_000
+_COPY_BLOCK: Final = 8 << 20
+log = logging.getLogger("allo_batch")
 
 
-def output_format(path: Path) -> OutputFormat:
+def output_format(path: Path | ObjectUri) -> OutputFormat:
     """The result format from the output's extension."""
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
@@ -334,6 +355,44 @@ def _conform(frame: pl.DataFrame, schema: dict[str, Any]) -> pl.DataFrame:
     return frame.select(column(name, dtype) for name, dtype in schema.items())
 
 
+def scan_results(path: Path) -> pl.LazyFrame:
+    """A result file as a lazy frame of the result schema (as :func:`read_results` reads it,
+    without holding it: a checkpoint streams it)."""
+    import polars as pl
+
+    schema = result_schema()
+    if path.stat().st_size == 0:
+        return pl.LazyFrame(schema=schema)
+    fmt = output_format(path)
+    if fmt == "parquet":
+        frame = pl.scan_parquet(path)
+    elif fmt == "csv":
+        frame = pl.scan_csv(path, infer_schema=False)
+    else:
+        frame = pl.scan_ndjson(path, infer_schema_length=None)
+    found = frame.collect_schema()
+
+    def column(name: str, dtype: Any) -> pl.Expr:
+        if name not in found:
+            return pl.lit(None, dtype).alias(name)
+        if dtype == pl.Boolean and found[name] == pl.String:
+            return (pl.col(name).str.to_lowercase() == "true").alias(name)
+        return pl.col(name).cast(dtype).alias(name)
+
+    return frame.select(column(name, dtype) for name, dtype in schema.items())
+
+
+@dataclass(slots=True)
+class _Batch:
+    """An input batch whose settled rows wait for its ``pending`` sent rows."""
+
+    first: int
+    end: int
+    settled: pl.DataFrame
+    pending: int
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+
 class OrderedResults:
     """Collects results in any order and writes them in input order, a chunk at a time.
 
@@ -354,6 +413,10 @@ class OrderedResults:
         else:
             os.close(open_private(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         self._waiting: dict[int, tuple[Any, ...]] = {}
+        self._batches: list[_Batch] = []
+        self._began = False
+        self._header_due = True
+        self._starts: list[int] = []
         self._next = 0
         self._chunk: list[tuple[Any, ...]] = []
         self.written = 0
@@ -364,6 +427,8 @@ class OrderedResults:
 
     def add_row(self, row: int, values: tuple[Any, ...]) -> None:
         """Accept row ``row``'s values (in the schema's order), in any order."""
+        if self._batches and self._add_to_batch(row, values):
+            return
         self._waiting[row] = values
         while self._next in self._waiting:
             self._chunk.append(self._waiting.pop(self._next))
@@ -371,30 +436,93 @@ class OrderedResults:
             if len(self._chunk) >= _CHUNK_ROWS:
                 self._flush()
 
+    def add_batch(self, first: int, end: int, settled: pl.DataFrame, pending: int) -> None:
+        """Accept a whole input batch (rows ``first`` to ``end - 1``): the rows already settled
+        as one frame, and ``pending`` rows still to come one by one through :meth:`add`.
+        A batch is written, in row order, once all of its rows are in."""
+        self._flush()  # rows added one by one before batches began keep their place
+        self._batches.append(_Batch(first, end, settled, pending))
+        self._starts.append(first)
+        self._drain()
+
+    def _add_to_batch(self, row: int, values: tuple[Any, ...]) -> bool:
+        index = bisect.bisect_right(self._starts, row) - 1
+        if index < 0 or row >= self._batches[index].end:
+            return False
+        batch = self._batches[index]
+        batch.rows.append(values)
+        batch.pending -= 1
+        self._drain()
+        return True
+
+    def _drain(self) -> None:
+        import polars as pl
+
+        while self._batches and self._batches[0].pending <= 0:
+            batch = self._batches.pop(0)
+            self._starts.pop(0)
+            frame = batch.settled
+            if batch.rows:
+                arrived = pl.DataFrame(batch.rows, schema=self.schema, orient="row")
+                frame = pl.concat([frame, arrived]).sort("row")
+            self._write(frame)
+            self._next = batch.end
+
     def _flush(self) -> None:
         import polars as pl
 
         if not self._chunk and (self.written or self.format == "ndjson"):
             return
-        frame = pl.DataFrame(self._chunk, schema=self.schema, orient="row")
+        self._write(pl.DataFrame(self._chunk, schema=self.schema, orient="row"))
+        self._chunk.clear()
+
+    def _write(self, frame: pl.DataFrame) -> None:
+        # An empty frame is written once, at the start: a CSV's header, a Parquet schema.
+        if not frame.height and (self._began or self.format == "ndjson"):
+            return
+        self._began = True
         if self.format == "parquet":
             part = self._parts / f"{self.written:012d}.parquet"
             frame.write_parquet(part)
         else:
             with self.temp.open("ab") as handle:
                 if self.format == "csv":
-                    frame.write_csv(handle, include_header=self.written == 0)
+                    frame.write_csv(handle, include_header=self._header_due)
+                    self._header_due = False
                 else:
                     frame.write_ndjson(handle)
-        self.written += len(self._chunk)
-        self._chunk.clear()
+        self.written += frame.height
+
+    def snapshot(self) -> Snapshot:
+        """What is settled so far, for a checkpoint taken in another thread: the rows written
+        (the files only grow, or gain parts) and a copy of the rows held in memory."""
+        import polars as pl
+
+        if self._chunk:
+            self._flush()
+        held = [pl.DataFrame(list(self._waiting.values()), schema=self.schema, orient="row")]
+        for batch in self._batches:
+            held.append(batch.settled.select(self.schema))
+            held.append(pl.DataFrame(batch.rows, schema=self.schema, orient="row"))
+        parts = sorted(self._parts.glob("*.parquet")) if self.format == "parquet" else []
+        return Snapshot(
+            format=self.format,
+            schema=self.schema,
+            written=self.written,
+            temp=self.temp,
+            length=0 if self.format == "parquet" else self.temp.stat().st_size,
+            header=not self._header_due,
+            parts=parts,
+            held=pl.concat(held).sort("row"),
+        )
 
     def finish(self) -> None:
         """Write what is left and rename the whole file into place atomically."""
         import polars as pl
 
-        if self._waiting:
-            msg = f"internal error: rows {sorted(self._waiting)[:5]} were never completed"
+        if self._waiting or self._batches:
+            left = sorted(self._waiting)[:5] or [b.first for b in self._batches[:5]]
+            msg = f"internal error: rows {left} were never completed"
             raise RuntimeError(msg)
         self._flush()
         if self.format == "parquet":
@@ -417,6 +545,62 @@ class OrderedResults:
             for part in self._parts.iterdir():
                 part.unlink()
             self._parts.rmdir()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """See :meth:`OrderedResults.snapshot`."""
+
+    format: OutputFormat
+    schema: dict[str, Any]
+    written: int  # rows 0 to written - 1 are in the temporary file or the parts
+    temp: Path
+    length: int  # bytes of the temporary file that hold them (CSV, NDJSON)
+    header: bool  # whether those bytes start with the CSV header
+    parts: list[Path]  # Parquet: the part files that hold them
+    held: pl.DataFrame  # rows settled after them, sorted
+
+    @property
+    def rows(self) -> int:
+        """Rows settled in this run so far."""
+        return self.written + self.held.height
+
+
+def write_checkpoint(snapshot: Snapshot, earlier: Path | None, dest: Path) -> None:
+    """A whole result file at ``dest``: the rows settled so far and, for the rows after them,
+    what ``earlier`` (the result file this run started from) said, in row order. Streams the
+    files; memory holds the rows in flight."""
+    import polars as pl
+
+    later = snapshot.held.lazy()
+    if earlier is not None and earlier.exists():
+        held_rows = snapshot.held["row"]
+        previous = scan_results(earlier).filter(
+            (pl.col("row") >= snapshot.written) & ~pl.col("row").is_in(held_rows.implode())
+        )
+        later = previous.merge_sorted(later, key="row")
+    extra = dest.with_name(f".{dest.name}.rest")
+    try:
+        if snapshot.format == "parquet":
+            later.sink_parquet(extra)
+            pl.scan_parquet([*snapshot.parts, extra]).sink_parquet(dest)
+            return
+        if snapshot.format == "csv":
+            later.sink_csv(extra, include_header=not snapshot.header)
+        else:
+            later.sink_ndjson(extra)
+        fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as sink:
+            with snapshot.temp.open("rb") as prefix:
+                left = snapshot.length
+                while left > 0 and (block := prefix.read(min(_COPY_BLOCK, left))):
+                    sink.write(block)
+                    left -= len(block)
+            with extra.open("rb") as rest:
+                while block := rest.read(_COPY_BLOCK):
+                    sink.write(block)
+    finally:
+        extra.unlink(missing_ok=True)
 
 
 def sidecar_path(output: Path) -> Path:
@@ -442,7 +626,15 @@ class Recorder:
     through the narrow :class:`~allo_batch.send.Outcomes` interface (:meth:`sending`,
     :meth:`finished`)."""
 
-    def __init__(self, output: Path, input_facts: dict[str, object], *, journaled: bool) -> None:
+    def __init__(
+        self,
+        output: Path,
+        input_facts: dict[str, object],
+        *,
+        journaled: bool,
+        mirror: Mirror | None = None,
+        checkpoint_every: float = 60.0,
+    ) -> None:
         self.output = output
         self.counts: Counter[str] = Counter()
         self.codes: Counter[str] = Counter()
@@ -453,6 +645,20 @@ class Recorder:
         self._journal = Journal(journal_path(output)) if journaled else None
         if self._journal is not None:
             self._journal.start(input_facts)
+        self._remote = (
+            None
+            if mirror is None
+            else _Checkpoints(output, self._results, mirror, input_facts, checkpoint_every)
+        )
+
+    def before_images(self, run: str) -> BeforeImages:
+        """The before-images of this run, beside the result file (and mirrored with it)."""
+        hook = self._remote.before_written if self._remote is not None else None
+        return BeforeImages(self.output, run, on_chunk=hook)
+
+    def problem(self) -> AlloBatchError | None:
+        """Why the run must stop for the output's sake (its lock in a store was lost)."""
+        return self._remote.mirror.problem() if self._remote is not None else None
 
     @property
     def rows(self) -> int:
@@ -464,6 +670,20 @@ class Recorder:
         a rerun plans it again the same way."""
         self._count(result)
         self._results.add(result)
+
+    def batch(self, first: int, end: int, settled: pl.DataFrame, pending: int) -> None:
+        """An input batch, planned: its settled rows as one frame (counted without a Python
+        object per row), and how many of its rows will come one by one."""
+        self._results.add_batch(first, end, settled, pending)
+        for status, count in settled.group_by("status").len().iter_rows():
+            self.counts[status] += count
+        for reason, count in settled.group_by("reason").len().iter_rows():
+            if reason is not None:
+                self.reasons[reason] += count
+        for code, count in settled.group_by("error_code").len().iter_rows():
+            if code is not None:
+                self.codes[code] += count
+        self.deferred += int(settled["reason"].is_in(DEFERRED_REASONS).sum())
 
     def sending(self, request: PlannedRequest, request_id: str) -> None:
         """Journal a request before it goes out."""
@@ -489,22 +709,36 @@ class Recorder:
         return self._journal is not None and self._journal.unsynced
 
     def sync(self) -> None:
-        """Push the journal to disk (the progress tick calls this)."""
+        """Push the journal to disk, and for an output in a store start the uploads that are
+        due (the progress tick calls this)."""
         if self._journal is not None:
             self._journal.sync()
+        if self._remote is not None:
+            self._remote.tick()
 
     def close(self, summary: RunSummary, **facts: Any) -> None:
         """Write the result file and the sidecar (the input's fingerprint, the summary and any
-        other ``facts`` of the run); the journal is then redundant and removed."""
+        other ``facts`` of the run), upload them for an output in a store; the journal is then
+        redundant and removed."""
         self._results.finish()
         sidecar = {"input": self._input_facts, "summary": summary.as_dict(), **facts}
         write_sidecar(self.output, sidecar)
+        if self._remote is not None:
+            try:
+                self._remote.finish()
+            except AlloBatchError as error:
+                if self._journal is not None:
+                    self._journal.close()  # kept: it holds what landed
+                raise self._remote.upload_failed(error, summary) from None
         if self._journal is not None:
             self._journal.close()
             journal_path(self.output).unlink(missing_ok=True)
 
     def abandon(self) -> None:
-        """A run that failed to finish: drop the partial result file, keep the journal."""
+        """A run that failed to finish: drop the partial result file, keep the journal (and
+        for an output in a store, checkpoint what is settled, as far as the store lets)."""
+        if self._remote is not None:
+            self._remote.last_checkpoint()
         self._results.abandon()
         if self._journal is not None:
             self._journal.close()
@@ -552,9 +786,12 @@ class BeforeImages:
     reads them all.
     """
 
-    def __init__(self, output: Path, run: str) -> None:
+    def __init__(
+        self, output: Path, run: str, *, on_chunk: Callable[[Path], None] | None = None
+    ) -> None:
         self.folder = before_dir(output)
         self.run = run
+        self._on_chunk = on_chunk
         self._seq = 0
         self._chunks: list[Path] = []
         if self.folder.is_symlink():
@@ -577,6 +814,8 @@ class BeforeImages:
         final = self.folder / f"{self.run}.{len(self._chunks):08d}.chunk.parquet"
         _write_durably(frame, final)
         self._chunks.append(final)
+        if self._on_chunk is not None:
+            self._on_chunk(final)
 
     def compact(self) -> None:
         """Merge every run's chunks into one file per run (few files, same content)."""
@@ -628,3 +867,158 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- outputs in a store ------------------------------------------------------------------------
+
+
+class Mirror(Protocol):
+    """The store's side of an output (``storage.RemoteOutput``): files of its local state
+    folder uploaded whole to the objects that mirror them."""
+
+    def put(self, local: Path, target: Path | None = None) -> None:
+        """Upload ``local`` to the object that mirrors ``target`` (default: ``local``)."""
+
+    def delete(self, local: Path) -> None:
+        """Remove the object that mirrors ``local``."""
+
+    def names(self, local_folder: Path) -> list[str]:
+        """The objects in the folder that mirrors ``local_folder``."""
+
+    def problem(self) -> AlloBatchError | None:
+        """Why the run must stop (its lock was lost), or None."""
+
+
+@dataclass(slots=True)
+class _Checkpoints:
+    """Uploads for an output in a store, off the event loop: one worker thread at a time,
+    started by :meth:`tick` (every half second) when before-images wait or a checkpoint is
+    due. A failed upload is retried at the next tick; only the final one stops the run."""
+
+    output: Path
+    results: OrderedResults
+    mirror: Mirror
+    input_facts: dict[str, object]
+    every: float
+    _pending: list[Path] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _worker: threading.Thread | None = None
+    _last: float = field(default_factory=time.monotonic)
+    _last_rows: int = 0
+    _warned: bool = False
+
+    def before_written(self, path: Path) -> None:
+        """A before-image chunk is durable here: upload it soon."""
+        with self._lock:
+            self._pending.append(path)
+
+    def tick(self) -> None:
+        """Start the uploads that are due, unless some are still going."""
+        if self._worker is not None and self._worker.is_alive():
+            return
+        snapshot = None
+        settled = self.results.written
+        if time.monotonic() - self._last >= self.every or (
+            settled - self._last_rows >= _CHECKPOINT_ROWS
+        ):
+            snapshot = self.results.snapshot()
+            self._last, self._last_rows = time.monotonic(), settled
+        with self._lock:
+            waiting = bool(self._pending)
+        if snapshot is None and not waiting:
+            return
+        self._worker = threading.Thread(
+            target=self._work, args=(snapshot,), name="allo-batch-checkpoint", daemon=True
+        )
+        self._worker.start()
+
+    def _work(self, snapshot: Snapshot | None) -> None:
+        try:
+            self._upload_pending()
+            if snapshot is not None:
+                self._checkpoint(snapshot)
+        except AlloBatchError as error:
+            if not self._warned:
+                log.warning("could not upload to the store (retrying): %s", error)
+                self._warned = True
+        except Exception as exc:  # a bug: said, and the final upload still decides
+            log.warning("checkpoint failed (%s: %s)", type(exc).__name__, str(exc)[:200])
+
+    def _upload_pending(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                path = self._pending[0]
+            if path.exists():
+                self.mirror.put(path)
+            with self._lock:
+                self._pending.remove(path)
+
+    def _checkpoint(self, snapshot: Snapshot) -> None:
+        """The result file so far, then a sidecar that says it is a checkpoint."""
+        dest = self.output.with_name(f".{self.output.name}.checkpoint")
+        try:
+            write_checkpoint(snapshot, self.output, dest)
+            self.mirror.put(dest, self.output)
+            facts = {
+                "input": self.input_facts,
+                "checkpoint": {"rows": snapshot.rows, "at": _utc_now()},
+            }
+            sidecar = self.output.with_name(f".{self.output.name}.checkpoint.run.json")
+            fd = open_private(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(facts, indent=2, sort_keys=True).encode() + b"\n")
+            self.mirror.put(sidecar, sidecar_path(self.output))
+        finally:
+            dest.unlink(missing_ok=True)
+            dest.with_name(f".{self.output.name}.checkpoint.run.json").unlink(missing_ok=True)
+
+    def wait(self) -> None:
+        """Let the uploads under way end."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    def finish(self) -> None:
+        """The final uploads: before-images, the result file, its sidecar; then the chunk
+        objects that the merged before-images replace."""
+        self.wait()
+        self._upload_pending()
+        folder = before_dir(self.output)
+        if folder.is_dir():
+            present = set(self.mirror.names(folder))
+            for merged in sorted(folder.glob("*.parquet")):
+                if not merged.name.endswith(".chunk.parquet") and merged.name not in present:
+                    self.mirror.put(merged)
+                    present.add(merged.name)
+            runs = {name.removesuffix(".parquet") for name in present}
+            for name in sorted(present):
+                if name.endswith(".chunk.parquet") and name.split(".", 1)[0] in runs:
+                    self.mirror.delete(folder / name)
+        self.mirror.put(self.output)
+        self.mirror.put(sidecar_path(self.output))
+
+    def last_checkpoint(self) -> None:
+        """At a run that failed to finish: what is settled, if the store takes it."""
+        try:
+            self.wait()
+            self._upload_pending()
+            self._checkpoint(self.results.snapshot())
+        except Exception as exc:  # the journal keeps what landed; say why, and go on failing
+            log.warning("could not checkpoint to the store: %s", str(exc)[:300])
+
+    def upload_failed(self, error: AlloBatchError, summary: RunSummary) -> AlloBatchError:
+        """The stop for a final upload that failed: exit 3, the local copies named."""
+        from allo_batch.storage import UploadError
+
+        stop = UploadError(
+            f"{error}; the result file is kept in {self.output} and the journal beside it: "
+            "a rerun uploads it"
+        )
+        stop.summary = summary
+        return stop
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
