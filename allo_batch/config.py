@@ -19,6 +19,7 @@ from allo_batch.constants import DEFAULT_BASE_URL
 from allo_batch.errors import UsageError
 from allo_batch.options import OPTIONS, AuthForm
 from allo_batch.options import InputFormat as InputFormat
+from allo_batch.storage import ObjectUri, StorageOptions, location
 
 log = logging.getLogger("allo_batch")
 FORMATS: Final[dict[str, InputFormat]] = {
@@ -78,8 +79,8 @@ class RetryPolicy:
 class JobConfig:
     """Everything one run needs. Build it with keywords; defaults are production defaults."""
 
-    input: Path
-    output: Path | None = None
+    input: Path | ObjectUri  # a str with a scheme (s3://...) is taken as an ObjectUri
+    output: Path | ObjectUri | None = None
     input_format: InputFormat | None = None
     columns: dict[str, str] = field(default_factory=dict)
     base_url: str = DEFAULT_BASE_URL
@@ -101,8 +102,14 @@ class JobConfig:
     batch_size: int = 20_000
     progress: bool = False
     log_interval: float = 30.0
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
+    state_dir: Path | None = None  # for an output in a store; storage.state_root's default
+    checkpoint_interval: float = 60.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "input", location(self.input))
+        if self.output is not None:
+            object.__setattr__(self, "output", location(self.output))
         # The same checks as the command line and job specs: the one table of options.
         for name, value in (
             ("format", self.input_format),
@@ -116,6 +123,7 @@ class JobConfig:
             ("limit", self.limit),
             ("auth", self.auth),
             ("log_interval", self.log_interval),
+            ("checkpoint_interval", self.checkpoint_interval),
         ):
             OPTIONS[name].check(value, f"JobConfig {name}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -140,9 +148,16 @@ class JobConfig:
         return found
 
     @property
-    def output_path(self) -> Path:
+    def output_path(self) -> Path | ObjectUri:
         """The result file: explicit, else ``<input stem>.results.parquet`` beside the input
-        (never the working directory, so the same command from elsewhere resumes too)."""
+        (never the working directory, so the same command from elsewhere resumes too; an
+        input in a store needs an explicit one)."""
+        if isinstance(self.input, ObjectUri) and self.output is None:
+            msg = (
+                f"{self.input} is in a store: name the result file with -o (a local path or "
+                "an s3://, gs:// or az:// URI); it is never put in the working directory"
+            )
+            raise UsageError(msg)
         return self.output or self.input.with_name(f"{self.input.stem}.results.parquet")
 
     def workers(self, rate: float) -> int:

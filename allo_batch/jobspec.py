@@ -40,6 +40,7 @@ from allo_batch.config import (
 from allo_batch.constants import DEFAULT_BASE_URL
 from allo_batch.errors import UsageError
 from allo_batch.options import OPTIONS, LogFormat, RunOptions
+from allo_batch.storage import Location, ObjectUri, StorageOptions, location
 
 _DATE_PLACEHOLDERS: Final = ("ds", "ds_nodash", "job")
 
@@ -66,6 +67,7 @@ SPEC_FIELDS: Final[dict[str, _Field]] = {
     "input": _Field("string", placeholders=_DATE_PLACEHOLDERS),  # a file or a glob
     "output": _Field("string", placeholders=(*_DATE_PLACEHOLDERS, "stem")),
     "columns": _Field("table"),  # field = the file's column
+    "storage_options": _Field("table"),  # passed to the store's filesystem (storage.py)
     "api_key_env": _Field("string"),  # the variable that holds the key
     "api_key_file": _Field("string"),  # the file that holds the key
     "if_no_input": _Field("string", choices=("fail", "skip")),  # fail: exit 2; skip: exit 0
@@ -99,8 +101,8 @@ class JobSpec:
 class PlannedFile:
     """One run of a job: an input file and its result file."""
 
-    input: Path
-    output: Path | None
+    input: Location
+    output: Location | None
 
 
 def load_spec(path: Path) -> JobSpec:
@@ -146,6 +148,14 @@ def _check(spec: JobSpec, key: str, value: Any) -> None:
         close = difflib.get_close_matches(key, KEYS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(KEYS)}"
         raise spec.error(key, f"unknown key{hint}")
+    if key == "storage_options":
+        if not isinstance(value, dict):
+            raise spec.error(key, f"expected a table, not {_describe(value)}")
+        try:
+            StorageOptions.from_mapping(value, key)
+        except UsageError as error:
+            raise spec.error(key, str(error)) from None
+        return
     if field.kind == "table":
         _check_columns(spec, key, value)
         return
@@ -201,22 +211,26 @@ def plan_files(
     spec: JobSpec,
     *,
     ds: date,
-    input_override: Path | None = None,
-    output_override: Path | None = None,
+    input_override: Location | None = None,
+    output_override: Location | None = None,
 ) -> list[PlannedFile]:
     """The runs this job makes on ``ds``: one per input file, each with its result file.
 
     An empty list means no file matched (the caller applies ``if_no_input``).
     """
     values = placeholders(spec, ds)
+    inputs: list[Location]
     if input_override is not None:
         inputs = [input_override]
     else:
         pattern = spec.get("input")
         if pattern is None:
             raise spec.error("input", "missing; name the corrections file (or give INPUT)")
-        expanded = str(_beside(spec, pattern.format_map(values)))
-        if glob.has_magic(expanded):
+        found = _placed(spec, pattern, values)
+        expanded = str(found)
+        if isinstance(found, ObjectUri):
+            inputs = [found]  # an object in a store: no glob; looked for when it is read
+        elif glob.has_magic(expanded):
             inputs = [Path(p) for p in sorted(glob.glob(expanded)) if Path(p).is_file()]
         else:
             inputs = [Path(expanded)] if Path(expanded).exists() else []
@@ -235,8 +249,7 @@ def plan_files(
             "to give each its own result file",
         )
     return [
-        PlannedFile(path, _beside(spec, template.format_map({**values, "stem": path.stem})))
-        for path in inputs
+        PlannedFile(path, _placed(spec, template, {**values, "stem": path.stem})) for path in inputs
     ]
 
 
@@ -259,13 +272,19 @@ def _beside(spec: JobSpec, value: str) -> Path:
     return path if path.is_absolute() else spec.path.parent / path
 
 
+def _placed(spec: JobSpec, template: str, values: Mapping[str, str]) -> Location:
+    """An input or output of a spec: an object's URI as it is, a path beside the spec."""
+    found = location(template.format_map(values))
+    return found if isinstance(found, ObjectUri) else _beside(spec, str(found))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunRequest:
     """What a caller asks ``run`` for: one input, or a job spec whose values ``options`` and
     ``columns`` override. The command line builds one; so can a Python caller or Airflow."""
 
-    input: Path | None = None
-    output: Path | None = None
+    input: Location | None = None
+    output: Location | None = None
     job: Path | None = None
     ds: date | None = None
     options: RunOptions = field(default_factory=RunOptions)
@@ -275,6 +294,7 @@ class RunRequest:
     dry_run: bool = False
     force: bool = False
     progress: bool = False
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +337,10 @@ def configs_for(request: RunRequest, *, env: Mapping[str, str] | None = None) ->
         raise UsageError(why)
     key = _spec_key(request, spec, environ)
     columns = {**spec.get("columns", {}), **request.columns}
-    request = dataclasses.replace(request, columns=columns)
+    stored = StorageOptions.from_mapping(spec.get("storage_options", {}), "storage_options")
+    request = dataclasses.replace(
+        request, columns=columns, storage_options=request.storage_options.over(stored)
+    )
     plan.configs.extend(_config(request, options, f.input, f.output, key) for f in files)
     return plan
 
@@ -344,15 +367,15 @@ def _log_format(options: RunOptions) -> LogFormat:
 def _config(
     request: RunRequest,
     options: RunOptions,
-    input_path: Path,
-    output: Path | None,
+    input_path: Location,
+    output: Location | None,
     key: Secret | None,
 ) -> JobConfig:
     """One run's configuration: given options, else the table's defaults."""
     max_attempts = options.value("max_attempts")
     max_outage = options.value("max_outage")
     assert isinstance(max_attempts, int) and isinstance(max_outage, int | float)
-    return JobConfig(
+    config = JobConfig(
         input=input_path,
         output=output,
         input_format=options.format,
@@ -374,4 +397,9 @@ def _config(
         force=request.force,
         progress=request.progress,
         log_interval=float(options.value("log_interval") or 0),
+        storage_options=request.storage_options,
+        state_dir=Path(options.state_dir).expanduser() if options.state_dir else None,
+        checkpoint_interval=float(options.value("checkpoint_interval") or 0),
     )
+    _ = config.output_path  # an input in a store without -o: refused here, exit 2
+    return config

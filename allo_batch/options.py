@@ -199,6 +199,23 @@ RUN_OPTIONS: Final = (
         default=30.0,
         help="Seconds between progress lines when stderr is not a terminal.",
     ),
+    Option(
+        name="state_dir",
+        kind="string",
+        help="Folder for the local state of an output in a store (its journal, and the result "
+        "file between checkpoints; owner-only).",
+        default_text="$XDG_STATE_HOME/allo-batch, else ~/.local/state/allo-batch",
+        metavar="DIR",
+    ),
+    Option(
+        name="checkpoint_interval",
+        kind="number",
+        low=0,
+        low_open=True,
+        default=60.0,
+        help="For an output in a store: seconds between uploads of the result file so far "
+        "(also every 50,000 rows, and at every stop).",
+    ),
 )
 OPTIONS: Final = {option.name: option for option in RUN_OPTIONS}
 
@@ -226,6 +243,8 @@ class RunOptions:
     blind: bool | None = None
     log_format: LogFormat | None = None
     log_interval: float | None = None
+    state_dir: str | None = None
+    checkpoint_interval: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in self.given().items():

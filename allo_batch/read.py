@@ -9,12 +9,17 @@ The file is untrusted. Every problem becomes one :class:`~allo_batch.errors.Inpu
 that names the file and, where there is one, the line (1-based, the header is line 1) and the
 column. A message never quotes more than a short escaped prefix of what the file holds: an API
 key file passed by mistake, or customer text, must not end up in a terminal or a log.
+
+An input in a store (``s3://...``, ``https://...``) is first copied to a local spool file
+(``storage.download_input``) and read from there by the same readers; its messages name the
+object, never the copy.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,6 +36,8 @@ from allo_batch.models import FIELDS, KEY_FIELDS, ROW
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from allo_batch.storage import ObjectUri, StorageOptions
 
 # pyarrow's readers parse blocks of this many bytes (in parallel) and hold a few. A row larger
 # than a block is read again with blocks twice as large, up to the largest.
@@ -59,6 +66,7 @@ class InputSource:
     format: InputFormat
     columns: dict[str, str | None]
     found: tuple[str, ...]
+    origin: ObjectUri | None = None  # the object ``path`` is a local copy of
 
     def shape(
         self, frame: pl.DataFrame, offset: int = 0, fields: tuple[str, ...] = FIELDS
@@ -83,9 +91,40 @@ class InputSource:
         return [name for name in self.found if name in wanted]
 
 
-def open_input(path: Path, fmt: InputFormat, mapping: dict[str, str] | None = None) -> InputSource:
+def open_input(
+    path: Path | ObjectUri,
+    fmt: InputFormat,
+    mapping: dict[str, str] | None = None,
+    *,
+    storage: StorageOptions | None = None,
+    spool: Path | None = None,
+) -> InputSource:
     """Check that ``path`` can be read and has the required text columns; raise InputError if
-    not. An empty file (nothing but white space or a byte order mark) is an input of no rows."""
+    not. An empty file (nothing but white space or a byte order mark) is an input of no rows.
+    An object in a store is copied into the folder ``spool`` first."""
+    if isinstance(path, Path):
+        return _open_local(path, fmt, mapping)
+    from allo_batch.storage import StorageOptions, download_input
+
+    if spool is None:
+        msg = f"internal error: {path} is read from a local copy, and no folder was given for it"
+        raise RuntimeError(msg)
+    local = download_input(path, storage or StorageOptions(), spool)
+    with _named_after(path, local):
+        return dataclasses.replace(_open_local(local, fmt, mapping), origin=path)
+
+
+@contextmanager
+def _named_after(origin: ObjectUri, local: Path) -> Iterator[None]:
+    """Messages about the local copy name the object instead."""
+    try:
+        yield
+    except InputError as error:
+        error.restate(error.message.replace(str(local), str(origin)))
+        raise
+
+
+def _open_local(path: Path, fmt: InputFormat, mapping: dict[str, str] | None) -> InputSource:
     if not path.exists():
         msg = f"{path}: no such file"
         raise InputError(msg)
@@ -163,6 +202,16 @@ def shaped_batches(
     source: InputSource, batch_size: int, fields: tuple[str, ...] = FIELDS
 ) -> Iterator[pl.DataFrame]:
     """``row`` and ``fields``, ``batch_size`` rows at a time, in file order."""
+    if source.origin is None:
+        yield from _shaped_batches(source, batch_size, fields)
+        return
+    with _named_after(source.origin, source.path):
+        yield from _shaped_batches(source, batch_size, fields)
+
+
+def _shaped_batches(
+    source: InputSource, batch_size: int, fields: tuple[str, ...]
+) -> Iterator[pl.DataFrame]:
     import polars as pl
     import pyarrow as pa
 
@@ -805,8 +854,9 @@ class Fingerprinter:
     Rows end with ``\x1e`` in the digest, so it does not depend on where batches split.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, origin: ObjectUri | None = None) -> None:
         self._path = path
+        self._origin = origin
         self._digest = hashlib.sha256()
         self.rows = 0
 
@@ -828,7 +878,8 @@ class Fingerprinter:
 
     def result(self) -> InputFingerprint:
         """The fingerprint of every row added so far."""
-        return InputFingerprint(str(self._path.resolve()), self.rows, self._digest.hexdigest())
+        where = str(self._origin) if self._origin is not None else str(self._path.resolve())
+        return InputFingerprint(where, self.rows, self._digest.hexdigest())
 
 
 def key_batches(source: InputSource, batch_size: int) -> Iterator[pl.DataFrame]:

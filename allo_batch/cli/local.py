@@ -12,6 +12,7 @@ from allo_batch.cli import _fail, cli
 from allo_batch.cli.options import (
     DIFF_OPTIONS,
     FILE,
+    LOCATION,
     REPORT_OPTIONS,
     column_option,
     declared,
@@ -23,7 +24,7 @@ from allo_batch.options import RunOptions
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=path())
+@click.argument("input_path", metavar="INPUT", type=LOCATION)
 @picked_options("format")
 @column_option
 @declared(
@@ -39,7 +40,7 @@ from allo_batch.options import RunOptions
         )
     ]
 )
-def validate(input_path: Path, format: str | None, columns: tuple[str, ...], show: int) -> None:
+def validate(input_path: Any, format: str | None, columns: tuple[str, ...], show: int) -> None:
     """Check INPUT locally and print a report; send nothing. Exit 1 if any row is invalid."""
     from allo_batch.config import JobConfig, parse_column_mapping
     from allo_batch.pipeline import check_input

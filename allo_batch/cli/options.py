@@ -68,10 +68,33 @@ def path(**kind: Any) -> click.Path:
 
 
 FILE = path(exists=True, dir_okay=False)
+
+
+class _Location(click.ParamType[Any]):
+    """A local path, or an object in a store (``s3://bucket/key``, ``https://...``)."""
+
+    name = "path|uri"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from allo_batch.errors import UsageError
+        from allo_batch.storage import location
+
+        try:
+            return location(value)
+        except UsageError as error:
+            self.fail(str(error), param, ctx)
+
+
+LOCATION = _Location()
 # fmt: off
 RUN_EXTRA_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [  # not in the table
-    (["-o", "--output"], {"type": path(), "help": "Result file (.parquet, .csv, .ndjson) "
-     "[default: <INPUT stem>.results.parquet beside INPUT]."}),
+    (["-o", "--output"], {"type": LOCATION, "help": "Result file (.parquet, .csv, .ndjson), "
+     "a path or an s3://, gs://, az:// URI [default: <INPUT stem>.results.parquet beside "
+     "INPUT; required for an INPUT in a store]."}),
+    (["--storage-option", "storage_options"], {"multiple": True, "metavar": "KEY=VALUE",
+     "help": "Passed to the store's filesystem (fsspec), e.g. endpoint_url=..., "
+     "client_kwargs.region_name=...; never credentials [default: the store's own "
+     "environment and config chain]."}),
     (["--api-key-file"], {"type": path(), "help": "File holding the API key alone on one "
      "line [default: env ALLO_API_KEY]."}),
     (["--dry-run"], {"is_flag": True, "help": "Read, validate, plan and (with a key) read the "

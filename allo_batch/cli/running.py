@@ -15,11 +15,11 @@ import click
 from allo_batch.cli import _STATE, _exit_130_on_signals, _fail, cli
 from allo_batch.cli.options import (
     FILE,
+    LOCATION,
     RUN_EXTRA_OPTIONS,
     UNDO_OPTIONS,
     column_option,
     declared,
-    path,
     picked_options,
     table_options,
 )
@@ -28,13 +28,14 @@ from allo_batch.options import RunOptions
 
 
 @cli.command()
-@click.argument("input_path", metavar="[INPUT]", required=False, type=path())
+@click.argument("input_path", metavar="[INPUT]", required=False, type=LOCATION)
 @column_option
 @table_options
 @declared(RUN_EXTRA_OPTIONS)
 def run(
-    input_path: Path | None,
-    output: Path | None,
+    input_path: Any,
+    output: Any,
+    storage_options: tuple[str, ...],
     columns: tuple[str, ...],
     api_key_file: Path | None,
     dry_run: bool,
@@ -69,12 +70,14 @@ def run(
     from allo_batch.config import parse_column_mapping
     from allo_batch.jobspec import RunRequest, configs_for
     from allo_batch.report import RunConsole
+    from allo_batch.storage import StorageOptions
 
     console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
     _STATE["log"].console = console
     with _exit_130_on_signals(console):
         try:
             request = RunRequest(
+                storage_options=StorageOptions.parse(storage_options),
                 input=input_path,
                 output=output,
                 job=job_file,
@@ -101,7 +104,7 @@ def run(
             if use_sandbox and configs:
                 url = stack.enter_context(
                     _embedded_sandbox(
-                        [c.input for c in configs],
+                        [c.input for c in configs if isinstance(c.input, Path)],
                         world_file=sandbox_world,
                         write_rate=sandbox_rate,
                         faults=sandbox_faults,
