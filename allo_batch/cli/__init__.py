@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from collections.abc import Iterator
-from datetime import datetime
+from importlib import import_module
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,9 +25,34 @@ from allo_batch.errors import AlloBatchError, ExitCode
 _STATE: dict[str, Any] = {"debug": False}  # set by the group: --debug, the log handler
 
 
+# Each command's module and short help: ``allo-batch --help`` lists them without importing the
+# commands (tests/test_structure.py checks the texts against the commands' own).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "diff": ("local", "Preview what `run` would change: read every valid row's target, send..."),
+    "report": ("local", "Summarise a result file: counts per status and error code, and the..."),
+    "run": ("running", "Send the corrections in INPUT (CSV, Parquet or NDJSON of call_id,..."),
+    "sandbox": ("sandbox", "Serve a local simulator of the Allo API until Ctrl-C."),
+    "undo": ("running", "Put back the before-image of every row RESULTS' run (and its..."),
+    "validate": ("local", "Check INPUT locally and print a report; send nothing."),
+}
+
+
 class _Group(click.Group):
-    """Turns a bug into exit 70 with one line and a saved traceback, never exit 1 (which
-    means "some rows failed" to cron and Airflow)."""
+    """Loads a command's module only when it is used, and turns a bug into exit 70 with one
+    line and a saved traceback, never exit 1 (which means "some rows failed" to cron and
+    Airflow)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            import_module(f"allo_batch.cli.{COMMANDS[cmd_name][0]}")
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -61,7 +87,7 @@ def _crash(exc: Exception) -> NoReturn:
     import traceback
 
     text = "".join(traceback.format_exception(exc))
-    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
     path = Path(tempfile.gettempdir()) / f"allo-batch-crash-{stamp}-{os.getpid()}.txt"
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -112,7 +138,3 @@ def _exit_130_on_signals(console: Any) -> Iterator[None]:
 def main() -> None:
     """Console-script entry point."""
     cli()
-
-
-# The commands register themselves on ``cli``.
-from allo_batch.cli import local, running, sandbox  # noqa: E402, F401
