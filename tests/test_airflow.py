@@ -24,8 +24,7 @@ import polars as pl
 import pytest
 
 from allo_batch.cli import cli
-from tests.conftest import SandboxFactory
-from tests.test_jobs import KEY, check_landed_once, corrections, world_for
+from tests.helpers import KEY, SandboxFactory, check_landed_once, corrections, world_for
 
 AIRFLOW_VERSION = "3.3.2"
 REPO = Path(__file__).resolve().parent.parent

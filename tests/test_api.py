@@ -12,11 +12,11 @@ import pytest
 
 import allo_batch
 from allo_batch import config, errors, jobspec, models, options, pipeline
-from allo_batch.sandbox import ApiKey, build_world
-from tests.conftest import SandboxFactory
+from tests.helpers import KEY, WRONG_KEY, SandboxFactory, world_for
 
 
 def test_every_public_name_resolves_and_is_documented() -> None:
+    """Every name of allo_batch.__all__ resolves and has a docstring."""
     for name in allo_batch.__all__:
         value = getattr(allo_batch, name)
         assert inspect.getdoc(value), f"{name} has no docstring"
@@ -39,6 +39,7 @@ def test_all_lists_every_public_name_of_the_api_modules() -> None:
 
 
 def test_importing_the_package_loads_no_heavy_library() -> None:
+    """import allo_batch loads neither polars, httpx nor anyio."""
     code = "import sys, allo_batch; print(sorted({'polars','httpx','anyio'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -47,18 +48,19 @@ def test_importing_the_package_loads_no_heavy_library() -> None:
 def test_run_job_returns_the_summary_and_stops_raise_typed_errors(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
+    """run_job returns the run's summary; a refused key raises AuthRefusedError (exit 3)
+    carrying the summary of the rows it left unsent."""
     source = tmp_path / "in.csv"
-    pl.DataFrame(
+    frame = pl.DataFrame(
         {"call_id": [f"cll-{i}" for i in range(6)], "content": [f"fix {i}" for i in range(6)]}
-    ).write_csv(source)
-    world = build_world(seed_pairs=[(f"cll-{i}", None) for i in range(6)])
-    world.add_key(ApiKey(key="ak_api_test", write_per_second=50))
-    with sandbox_factory(world, api_key="ak_api_test") as sb:
+    )
+    frame.write_csv(source)
+    with sandbox_factory(world_for(frame), api_key=KEY) as sb:
         job = allo_batch.JobConfig(
             input=source,
             output=tmp_path / "out.parquet",
             base_url=sb.base_url,
-            api_key=allo_batch.Secret("ak_api_test"),
+            api_key=allo_batch.Secret(KEY),
         )
         summary = allo_batch.run_job(job)
         assert isinstance(summary, allo_batch.RunSummary)
@@ -68,9 +70,10 @@ def test_run_job_returns_the_summary_and_stops_raise_typed_errors(
             input=source,
             output=tmp_path / "other.csv",
             base_url=sb.base_url,
-            api_key=allo_batch.Secret("ak_wrong"),
+            api_key=allo_batch.Secret(WRONG_KEY),
         )
         with pytest.raises(allo_batch.AuthRefusedError) as refused:
             allo_batch.run_job(wrong)
     assert refused.value.exit_code == 3
-    assert refused.value.summary.by_status == {"not_sent": 6}  # type: ignore[attr-defined]
+    assert refused.value.summary is not None
+    assert refused.value.summary.by_status == {"not_sent": 6}

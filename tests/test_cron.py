@@ -13,8 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.conftest import SandboxFactory
-from tests.test_jobs import KEY, check_landed_once, corrections, world_for
+from tests.helpers import KEY, SandboxFactory, check_landed_once, corrections, world_for
 
 WRAPPER = Path(__file__).resolve().parent.parent / "jobs" / "cron" / "allo-batch-cron"
 KEY_VARIABLE = "ALLO_CRON_TEST_KEY"

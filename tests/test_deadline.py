@@ -17,7 +17,7 @@ from allo_batch.config import parse_deadline
 from allo_batch.errors import UsageError
 from allo_batch.record import read_results
 from allo_batch.sandbox import ApiKey, build_world
-from tests.conftest import SandboxFactory
+from tests.helpers import SandboxFactory
 
 KEY = "ak_deadline_key_0e5c"
 

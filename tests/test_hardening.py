@@ -18,7 +18,7 @@ from allo_batch.errors import ExitCode
 from allo_batch.record import journal_path, read_results
 from allo_batch.sandbox import ApiKey, build_world
 from allo_batch.sandbox.world import World
-from tests.conftest import SandboxFactory
+from tests.helpers import SandboxFactory
 
 KEY = "ak_hardening_key_88d2"
 
@@ -252,7 +252,8 @@ def test_a_bug_exits_70_with_one_line_and_a_saved_traceback_and_loses_nothing(
         landed = sandbox.state()["counters"]["writes_applied"]
         rerun = invoke([*args, "--json"])
         writes = sandbox.state()["counters"]["writes_applied"]
-    assert crashed.exit_code == ExitCode.INTERNAL == 70
+    assert crashed.exit_code == ExitCode.INTERNAL
+    assert int(ExitCode.INTERNAL) == 70
     [line] = crashed.stderr.strip().splitlines()[-1:]
     assert line.startswith("allo-batch: internal error (")
     saved = Path(line.split("Traceback saved to ")[1].split(";")[0])

@@ -3,62 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from allo_batch.cli import cli
 from allo_batch.errors import UsageError
 from allo_batch.jobspec import load_spec, plan_files, spec_api_key
-from allo_batch.sandbox import ApiKey, build_world
-from tests.conftest import SandboxFactory
+from tests.helpers import (
+    KEY,
+    SandboxFactory,
+    check_landed_once,
+    corrections,
+    invoke,
+    world_for,
+    written,
+)
 
-KEY = "ak_jobs_secret_5e4d3c2b1a"
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
-TEMPLATES = ("MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL")
 DS = "2026-11-23"
-
-
-def invoke(args: list[str], env: dict[str, str] | None = None) -> Any:
-    return CliRunner().invoke(
-        cli, args, env={"ALLO_API_KEY": KEY, **(env or {})}, catch_exceptions=False
-    )
-
-
-def corrections(rows: int, start: int = 0, *, prefix: str = "corrected") -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "call_id": [f"cll-{start + i:06d}" for i in range(rows)],
-            "template_key": [TEMPLATES[i % 2] for i in range(rows)],
-            "content": [f"## {prefix} summary {start + i}\nFollow-up booked." for i in range(rows)],
-        }
-    )
-
-
-def world_for(*frames: pl.DataFrame, write_rate: int = 50) -> Any:
-    pairs = [pair for f in frames for pair in f.select("call_id", "template_key").iter_rows()]
-    world = build_world(seed_pairs=pairs)
-    world.add_key(ApiKey(key=KEY, write_per_second=write_rate))
-    return world
-
-
-def written(sandbox: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    state = sandbox.state(written_only=True)
-    return {(s["call_id"], s["template_key"]): s for s in state["summaries"]}
-
-
-def check_landed_once(sandbox: Any, frame: pl.DataFrame) -> None:
-    landed = written(sandbox)
-    assert len(landed) == frame.height
-    for call_id, template, content in frame.iter_rows():
-        summary = landed[(call_id, template)]
-        assert summary["writes"] == 1
-        assert summary["content_sha256"] == hashlib.sha256(content.encode()).hexdigest()
 
 
 def events(stderr: str) -> list[dict[str, Any]]:
@@ -106,6 +71,7 @@ def write_spec(folder: Path, text: str, name: str = "job.toml") -> Path:
 def test_a_bad_spec_is_refused_naming_file_key_and_type(
     tmp_path: Path, text: str, expected: list[str]
 ) -> None:
+    """A bad spec exits 2 naming the file, the key and the type it expected."""
     spec = write_spec(tmp_path, text)
     result = invoke(["run", "--job", str(spec)])
     assert result.exit_code == 2, result.output
@@ -115,6 +81,7 @@ def test_a_bad_spec_is_refused_naming_file_key_and_type(
 
 
 def test_the_key_itself_is_never_accepted_in_a_spec(tmp_path: Path) -> None:
+    """A spec holding the key itself is refused (exit 2) without echoing it."""
     spec = write_spec(tmp_path, f'input = "a.csv"\napi_key = "{KEY}"\n')
     result = invoke(["run", "--job", str(spec)])
     assert result.exit_code == 2
@@ -124,6 +91,7 @@ def test_the_key_itself_is_never_accepted_in_a_spec(tmp_path: Path) -> None:
 
 
 def test_a_spec_naming_an_unset_key_variable_is_refused(tmp_path: Path) -> None:
+    """The key comes from the spec's variable or file; an unset variable is refused by name."""
     spec = load_spec(write_spec(tmp_path, 'api_key_env = "ALLO_NIGHTLY_KEY"'))
     with pytest.raises(UsageError, match="the environment variable ALLO_NIGHTLY_KEY is not set"):
         spec_api_key(spec, env={})
@@ -137,6 +105,8 @@ def test_a_spec_naming_an_unset_key_variable_is_refused(tmp_path: Path) -> None:
 
 
 def test_placeholders_and_relative_paths_resolve_beside_the_spec(tmp_path: Path) -> None:
+    """Placeholders fill in and relative paths resolve beside the spec; a glob needs {stem} in its
+    output."""
     drops = tmp_path / "drops" / DS
     drops.mkdir(parents=True)
     for name in ("b-part.csv", "a-part.csv"):
@@ -161,6 +131,7 @@ def test_placeholders_and_relative_paths_resolve_beside_the_spec(tmp_path: Path)
 
 
 def test_the_shipped_examples_load_and_plan() -> None:
+    """jobs/nightly.toml and jobs/backfill.toml load and plan as documented."""
     nightly = load_spec(JOBS / "nightly.toml")
     assert nightly.get("api_key_env") == "ALLO_API_KEY"
     assert nightly.get("columns") == {"call_id": "conversation_id", "content": "corrected_summary"}
@@ -210,6 +181,7 @@ def test_nightly_example_runs_against_the_sandbox(
 def test_backfill_example_runs_against_the_sandbox(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
+    """The backfill spec runs with its key file, leaving the rate to /v2/api/me."""
     frame = corrections(6, start=100)
     source = tmp_path / "short-calls.parquet"
     frame.write_parquet(source)
@@ -219,7 +191,7 @@ def test_backfill_example_runs_against_the_sandbox(
     with sandbox_factory(world_for(frame), api_key=KEY) as sandbox:
         args = ["run", "--job", str(JOBS / "backfill.toml"), str(source), "-o", str(output)]
         args += ["--api-key-file", str(key_file), "--base-url", sandbox.base_url, "--json"]
-        result = invoke(args, env={"ALLO_API_KEY": ""})
+        result = invoke(args, key="")
         assert result.exit_code == 0, result.stderr
         summary = json.loads(result.stdout)
         assert summary["by_status"] == {"updated": 6}
@@ -233,10 +205,10 @@ def test_a_dry_run_of_a_spec_needs_no_key(tmp_path: Path) -> None:
     corrections(4).write_parquet(source)
     output = tmp_path / "plan.csv"
     args = ["run", "--job", str(JOBS / "backfill.toml"), str(source), "-o", str(output)]
-    result = invoke([*args, "--dry-run", "--json"], env={"ALLO_API_KEY": ""})
+    result = invoke([*args, "--dry-run", "--json"], key="")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["by_status"] == {"not_sent": 4}
-    refused = invoke(args, env={"ALLO_API_KEY": ""})
+    refused = invoke(args, key="")
     assert refused.exit_code == 2
     assert "/etc/allo-batch/backfill.key: cannot read the API key file" in refused.stderr
 
@@ -253,6 +225,8 @@ def two_parts(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
 def test_a_glob_makes_one_run_per_file_and_an_empty_day_can_be_skipped(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
+    """A glob makes one run and one result file per match; no match is exit 0 under
+    if_no_input=skip, 2 under fail."""
     first, second = two_parts(tmp_path / "drops" / DS)
     with sandbox_factory(world_for(first, second), api_key=KEY) as sandbox:
         spec = write_spec(
@@ -288,7 +262,7 @@ def test_a_stop_ends_the_job_before_its_next_file(
             f'input = "part-*.csv"\noutput = "{{stem}}.results.csv"\n'
             f'base_url = "{sandbox.base_url}"\nlog_format = "json"\n',
         )
-        result = invoke(["run", "--job", str(spec)], env={"ALLO_API_KEY": "ak_not_a_key"})
+        result = invoke(["run", "--job", str(spec)], key="ak_not_a_key")
         assert result.exit_code == 3
         assert written(sandbox) == {}
     log = events(result.stderr)
@@ -300,6 +274,7 @@ def test_a_stop_ends_the_job_before_its_next_file(
 
 
 def test_an_output_folder_that_cannot_be_made_is_exit_2(tmp_path: Path) -> None:
+    """An output folder that cannot be made is exit 2 naming it."""
     corrections(1).write_csv(tmp_path / "in.csv")
     (tmp_path / "blocked").write_text("a file where the folder should be")
     spec = write_spec(tmp_path, 'input = "in.csv"\noutput = "blocked/{ds}/out.csv"\n')
@@ -310,6 +285,7 @@ def test_an_output_folder_that_cannot_be_made_is_exit_2(tmp_path: Path) -> None:
 
 
 def test_ds_needs_a_job_and_a_run_needs_an_input(tmp_path: Path) -> None:
+    """--ds needs --job, and a run needs an input."""
     assert "give INPUT, or --job" in invoke(["run"]).stderr
     only_ds = invoke(["run", str(tmp_path / "a.csv"), "--ds", DS])
     assert only_ds.exit_code == 2
@@ -322,6 +298,7 @@ def test_ds_needs_a_job_and_a_run_needs_an_input(tmp_path: Path) -> None:
 def test_json_logs_report_progress_stops_and_summary_without_content_or_key(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
+    """JSON logs: start, progress, warning, stop and summary events, never content or the key."""
     frame = corrections(12, prefix="SECRET-CONTENT")
     source = tmp_path / "in.csv"
     frame.write_csv(source)

@@ -3,7 +3,6 @@ alone, end to end against the sandbox on 127.0.0.1 and proven from its own recor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,25 +11,14 @@ from typing import Any
 import anyio
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from allo_batch.cli import cli
 from allo_batch.constants import WRITE_SCOPE
 from allo_batch.look import Current, read_current
 from allo_batch.record import before_dir, read_before_images, read_results
 from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.sandbox.personas import BatchMissing, BatchOrder
 from allo_batch.sandbox.world import World
-from tests.conftest import SandboxFactory
-
-KEY = "ak_look_key_71c0"
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def invoke(args: list[str], key: str = KEY) -> Any:
-    return CliRunner().invoke(cli, args, env={"ALLO_API_KEY": key}, catch_exceptions=False)
+from tests.helpers import KEY, PERSONA_NAMES, SANDBOX_KEY, SandboxFactory, invoke, sha
 
 
 def corrections(path: Path, rows: int) -> pl.DataFrame:
@@ -61,13 +49,17 @@ def summary_json(output: str) -> dict[str, Any]:
     return json.loads(output.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("persona", ["documented", "secondhand"])
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_rows_already_right_are_not_written_and_the_rest_keep_before_images(
     sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
 ) -> None:
     """Half of 2,000 rows already hold their content: exactly 1,000 PATCHes, 1,000 unchanged,
     exit 0, 0 x 429 whichever bucket the batch read counts against, a before-image of every
-    written row holding what the target held, reads about 1 % of the writes."""
+    written row holding what the target held, reads about 1 % of the writes.
+
+    The same under every persona: nothing was written to these targets within ``read_lag``,
+    so a lagging read shows what they hold; reads are matched by id whatever their order;
+    every id exists, so a persona that refuses a batch for an unknown id refuses none."""
     source = tmp_path / "fixes.csv"
     frame = corrections(source, 2000)
     world, before = world_with_half_right(frame)
@@ -257,7 +249,7 @@ def test_rows_naming_a_template_are_written_with_an_uncertain_before_image(
 @pytest.mark.parametrize("order", ["input", "shuffled"])
 @pytest.mark.parametrize("missing", ["omit", "error"])
 def test_reads_are_matched_by_id_whatever_the_api_does(
-    sandbox_factory: SandboxFactory, order: str, missing: str
+    sandbox_factory: SandboxFactory, order: BatchOrder, missing: BatchMissing
 ) -> None:
     """Any order, duplicates, unknown ids left out or refusing the whole batch: each call gets
     what it holds, unknown ones are not_found, and a refused batch costs only a few reads."""
@@ -269,7 +261,7 @@ def test_reads_are_matched_by_id_whatever_the_api_does(
 
     world = build_world(
         seed_pairs=[(f"cll-{i}", None) for i in range(150)],
-        api_key="ak_test_full",
+        api_key=SANDBOX_KEY,
         write_rate=1000,
         read_rate=1000,
     )
@@ -278,16 +270,16 @@ def test_reads_are_matched_by_id_whatever_the_api_does(
     behaviour = dataclasses.replace(
         PERSONAS["documented"],
         batch_order=order,
-        batch_missing=missing,  # type: ignore[arg-type]
+        batch_missing=missing,
     )
     ids = [f"cll-{i}" for i in range(150)] + ["cll-nope", "cll-3"]
-    with sandbox_factory(world, api_key="ak_test_full", persona=behaviour) as sandbox:
+    with sandbox_factory(world, api_key=SANDBOX_KEY, persona=behaviour) as sandbox:
 
         async def go() -> dict[str, Current]:
             import httpx
 
             async with httpx.AsyncClient() as http:
-                client = AlloClient(http, sandbox.base_url, Secret("ak_test_full"))
+                client = AlloClient(http, sandbox.base_url, Secret(SANDBOX_KEY))
                 return await read_current(client.read_items, ids)
 
         found = anyio.run(go)
@@ -327,3 +319,40 @@ def test_before_images_are_on_disk_before_their_rows_are_sent(tmp_path: Path) ->
     anyio.run(go)
     assert events == ["kept 0", "kept 1", "kept 2", "sent 0", "sent 1", "sent 2"]
     assert os.getpid()  # (the durable write itself is covered by the kill -9 test)
+
+
+@pytest.mark.parametrize(("persona", "lagging"), [("documented", False), ("awkward", True)])
+def test_verify_reads_landed_targets_back_and_resends_nothing(
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str, lagging: bool
+) -> None:
+    """--verify reads every written target back: none differ when reads are current; when
+    reads lag (the awkward persona, 1.5 s) the rows are listed, and nothing is sent again."""
+    source = tmp_path / "fixes.csv"
+    frame = corrections(source, 30)
+    world, _ = world_with_half_right(frame)
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world, api_key=KEY, persona=persona) as sandbox:
+        result = invoke(
+            [
+                "run",
+                str(source),
+                "-o",
+                str(output),
+                "--base-url",
+                sandbox.base_url,
+                "--verify",
+                "--json",
+            ]
+        )
+        patches = sandbox.state()["counters"]["patch"]
+    summary = summary_json(result.stdout)
+    assert result.exit_code == 0, result.output
+    assert patches == 15
+    assert summary["verified"] == 15
+    sidecar = json.loads(output.with_name("out.csv.run.json").read_text())
+    if lagging:
+        assert summary["verify_differs"] > 0
+        assert "--verify:" in result.stderr
+        assert {r["call_id"] for r in sidecar["verify"]["rows"]} <= set(frame["call_id"][1::2])
+    else:
+        assert summary["verify_differs"] == 0

@@ -26,9 +26,9 @@ from allo_batch.sandbox import (
     serve_sandbox,
 )
 from allo_batch.sandbox.personas import SWITCH_VALUES
-from tests.conftest import SandboxFactory
+from tests.helpers import SANDBOX_KEY, SandboxFactory
 
-KEY = "ak_test_full"
+KEY = SANDBOX_KEY
 CLASSIC, SHORT = "MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL"
 T0 = 1_800_000_000.5  # exactly representable, so window arithmetic in the tests is exact
 T1, T2 = "1800000001", "1800000002"  # the next two whole seconds, as X-RateLimit-Reset says them

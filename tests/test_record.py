@@ -34,9 +34,7 @@ from allo_batch.record import (
 from allo_batch.report import summarize_file
 
 FORMATS = ("parquet", "csv", "ndjson")
-text = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30
-)
+text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=30)
 maybe_text = st.none() | text.filter(bool)  # CSV cannot tell "" from null
 
 

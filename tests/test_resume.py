@@ -8,7 +8,6 @@ is counted), and the final result file has exactly one true row per input row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,23 +23,22 @@ import anyio
 import httpx
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from allo_batch.cli import cli
 from allo_batch.lock import OutputLock, lock_path
-from allo_batch.record import journal_path, sidecar_path
-from allo_batch.sandbox import ApiKey, build_world
-from tests.conftest import SandboxFactory
+from allo_batch.record import journal_path, read_before_images, sidecar_path
+from tests.helpers import (
+    KEY,
+    PERSONA_NAMES,
+    SPARE_KEY,
+    TEMPLATES,
+    SandboxFactory,
+    invoke,
+    sha,
+    world_for,
+)
 
-KEY = "ak_resume_key_6b1f0c"
-SPARE_KEY = "ak_resume_spare_93d2aa"
-TEMPLATES = ("MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL")
 INVALID_ROWS = {7: ("msg-000007", "INVALID_ITEM_ID"), 19: ("cll-000019", "INVALID_REQUEST_BODY")}
 RUN_TIMEOUT = 60.0
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_input(path: Path, rows: int, *, edit: int = 0, invalid: bool = True) -> pl.DataFrame:
@@ -73,13 +71,6 @@ def write_input(path: Path, rows: int, *, edit: int = 0, invalid: bool = True) -
     else:
         frame.write_csv(path)
     return frame
-
-
-def world_for(frame: pl.DataFrame, write_rate: int) -> Any:
-    world = build_world(seed_pairs=list(frame.select("call_id", "template_key").iter_rows()))
-    world.add_key(ApiKey(key=KEY, write_per_second=write_rate))
-    world.add_key(ApiKey(key=SPARE_KEY, write_per_second=write_rate))
-    return world
 
 
 def start_run(args: list[str], *, key: str = KEY) -> subprocess.Popen[str]:
@@ -167,17 +158,22 @@ def check_final(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_kill_9_at_random_moments_then_rerun_until_done(
-    sandbox_factory: SandboxFactory, tmp_path: Path, seed: int
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str, seed: int
 ) -> None:
+    """Runs killed with SIGKILL at random moments, then rerun to the end: every valid row holds
+    its content, written once plus at most once per request whose answer was lost, whatever
+    the persona (every row names a template, so a lagging read changes no decision: such
+    rows are always written)."""
     chance = random.Random(seed)
     source, output = tmp_path / "in.csv", tmp_path / "out.csv"
     frame = write_input(source, 240)
-    world = world_for(frame, write_rate=100)
+    world = world_for(frame, keys=(KEY, SPARE_KEY), write_rate=100)
     doubt: Counter[tuple[str, str]] = Counter()
-    args = [str(source), "-o", str(output), "--base-url", None]
-    with sandbox_factory(world, api_key=KEY, faults="latency=40ms,jitter=30ms", seed=seed) as sb:
-        args[-1] = sb.base_url
+    faults = "latency=40ms,jitter=30ms"
+    with sandbox_factory(world, api_key=KEY, faults=faults, seed=seed, persona=persona) as sb:
+        args = [str(source), "-o", str(output), "--base-url", sb.base_url]
         kills = 0
         epoch: Counter[tuple[str, str]] = Counter()
         for attempt in range(7):  # bounded: at most six kills, then a run to the end
@@ -216,6 +212,10 @@ def test_kill_9_at_random_moments_then_rerun_until_done(
     check_final(output, frame, state, doubt)
     extra = sum(s["writes"] - 1 for s in state["summaries"] if s["writes"] > 1)
     assert extra <= sum(doubt.values())
+    images = read_before_images(output)
+    imaged = set(zip(images["call_id"], images["template_key"], strict=True))
+    landed = {(s["call_id"], s["template_key"]) for s in state["summaries"] if s["writes"]}
+    assert landed <= imaged  # no landed write without its before-image, killed or not
 
 
 @pytest.mark.slow
@@ -223,9 +223,11 @@ def test_kill_9_at_random_moments_then_rerun_until_done(
 def test_signal_stops_cleanly_with_130_and_a_rerun_finishes(
     sandbox_factory: SandboxFactory, tmp_path: Path, signum: signal.Signals
 ) -> None:
+    """SIGTERM or SIGINT mid-run: exit 130 with every row accounted for; the rerun resends only the
+    rows cut off in flight and the rest."""
     source, output = tmp_path / "in.parquet", tmp_path / "out.csv"
     frame = write_input(source, 300)
-    world = world_for(frame, write_rate=60)
+    world = world_for(frame, keys=(KEY, SPARE_KEY), write_rate=60)
     with sandbox_factory(world, api_key=KEY, faults="latency=30ms") as sb:
         process = start_run([str(source), "-o", str(output), "--base-url", sb.base_url])
         wait_for_writes(sb, 40, process)
@@ -258,9 +260,11 @@ def test_signal_stops_cleanly_with_130_and_a_rerun_finishes(
 def test_second_ctrl_c_stops_at_once_and_stays_consistent(
     sandbox_factory: SandboxFactory, tmp_path: Path
 ) -> None:
+    """A second Ctrl-C does not wait out the grace period: requests in flight are cut off and
+    recorded as may have landed."""
     source, output = tmp_path / "in.csv", tmp_path / "out.ndjson"
     frame = write_input(source, 60, invalid=False)
-    world = world_for(frame, write_rate=50)
+    world = world_for(frame, keys=(KEY, SPARE_KEY), write_rate=50)
     # Every answer takes 20 s: the first Ctrl-C waits out its 5 s grace, the second must not.
     with sandbox_factory(world, api_key=KEY, faults="latency=20s") as sb:
         process = start_run([str(source), "-o", str(output), "--base-url", sb.base_url])
@@ -289,13 +293,17 @@ def test_second_ctrl_c_stops_at_once_and_stays_consistent(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_key_revoked_mid_run_stops_with_3_and_another_key_finishes(
-    sandbox_factory: SandboxFactory, tmp_path: Path
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
 ) -> None:
+    """A key revoked mid-run (401) stops the run at once with exit 3, every row accounted
+    for; a run with another key sends the rest, each valid row landing once (the same under
+    every persona: the key form found by /me does not change what a 401 means)."""
     source, output = tmp_path / "in.csv", tmp_path / "out.parquet"
     frame = write_input(source, 200)
-    world = world_for(frame, write_rate=80)
-    with sandbox_factory(world, api_key=KEY, faults="latency=20ms") as sb:
+    world = world_for(frame, keys=(KEY, SPARE_KEY), write_rate=80)
+    with sandbox_factory(world, api_key=KEY, faults="latency=20ms", persona=persona) as sb:
         process = start_run([str(source), "-o", str(output), "--base-url", sb.base_url])
         wait_for_writes(sb, 30, process)
         httpx.post(f"{sb.base_url}/_sandbox/revoke", json={"key": KEY}, timeout=10)
@@ -321,10 +329,11 @@ def test_key_revoked_mid_run_stops_with_3_and_another_key_finishes(
 
 
 def test_a_second_run_on_the_same_output_is_refused_with_3(tmp_path: Path) -> None:
+    """A run on an output another run holds exits 3 naming the holder's pid, and touches nothing."""
     source, output = tmp_path / "in.csv", tmp_path / "out.csv"
     write_input(source, 10)
     with OutputLock(output):
-        result = CliRunner().invoke(cli, ["run", str(source), "-o", str(output), "--dry-run"])
+        result = invoke(["run", str(source), "-o", str(output), "--dry-run"], key=None)
         assert result.exit_code == 3
         assert f"another allo-batch run (pid {os.getpid()} on" in result.output
         assert str(output) in result.output
@@ -333,6 +342,7 @@ def test_a_second_run_on_the_same_output_is_refused_with_3(tmp_path: Path) -> No
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    """The lock file of a killed run is taken over with a warning, and removed at the end."""
     source, output = tmp_path / "in.csv", tmp_path / "out.csv"
     write_input(source, 10, invalid=False)
     # A run killed with -9 leaves its lock file; the kernel dropped its flock when it died.
@@ -343,7 +353,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
         check=True,
     )
     lock_path(output).write_text(json.dumps({"pid": int(dead.stdout), "host": "h"}))
-    result = CliRunner().invoke(cli, ["run", str(source), "-o", str(output), "--dry-run"])
+    result = invoke(["run", str(source), "-o", str(output), "--dry-run"], key=None)
     assert result.exit_code == 0, result.output
     assert f"took over the lock of {output} left by pid {int(dead.stdout)}" in result.output
     assert output.exists()
@@ -351,6 +361,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
 
 
 def test_two_locks_on_one_output_exclude_each_other(tmp_path: Path) -> None:
+    """Two locks on one output exclude each other; the lock file is owner-only."""
     output = tmp_path / "out.csv"
     first = OutputLock(output)
     first.acquire()
@@ -363,20 +374,21 @@ def test_two_locks_on_one_output_exclude_each_other(tmp_path: Path) -> None:
 
 
 def test_a_different_input_is_refused_unless_force(tmp_path: Path) -> None:
+    """Results of another input in the output: exit 2 naming it, the output untouched; --force
+    merges."""
     first, second, output = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "out.csv"
     write_input(first, 20)
     write_input(second, 25)
-    runner = CliRunner()
-    assert runner.invoke(cli, ["run", str(first), "-o", str(output), "--dry-run"]).exit_code == 1
+    assert invoke(["run", str(first), "-o", str(output), "--dry-run"], key=None).exit_code == 1
     before = output.read_bytes()
-    refused = runner.invoke(cli, ["run", str(second), "-o", str(output), "--dry-run"])
+    refused = invoke(["run", str(second), "-o", str(output), "--dry-run"], key=None)
     assert refused.exit_code == 2
     assert f"{output} holds results of another input: {first.resolve()} (20 rows)" in (
         refused.output
     )
     assert "--force" in refused.output
     assert output.read_bytes() == before  # untouched
-    forced = runner.invoke(cli, ["run", str(second), "-o", str(output), "--dry-run", "--force"])
+    forced = invoke(["run", str(second), "-o", str(output), "--dry-run", "--force"], key=None)
     assert forced.exit_code == 1, forced.output
     assert pl.read_csv(output).height == 25
     facts = json.loads(sidecar_path(output).read_text())
@@ -384,16 +396,17 @@ def test_a_different_input_is_refused_unless_force(tmp_path: Path) -> None:
 
 
 def test_the_same_rows_edited_moved_or_converted_are_the_same_input(tmp_path: Path) -> None:
+    """Content corrected in place, a moved file or another format of the same rows is the same
+    input."""
     source, output = tmp_path / "in.csv", tmp_path / "out.csv"
     write_input(source, 20)
-    runner = CliRunner()
-    assert runner.invoke(cli, ["run", str(source), "-o", str(output), "--dry-run"]).exit_code == 1
+    assert invoke(["run", str(source), "-o", str(output), "--dry-run"], key=None).exit_code == 1
     write_input(source, 20, edit=1)  # every content corrected in place
-    assert runner.invoke(cli, ["run", str(source), "-o", str(output), "--dry-run"]).exit_code == 1
+    assert invoke(["run", str(source), "-o", str(output), "--dry-run"], key=None).exit_code == 1
     converted = tmp_path / "moved" / "in.parquet"
     converted.parent.mkdir()
     write_input(converted, 20, edit=1)
-    result = runner.invoke(cli, ["run", str(converted), "-o", str(output), "--dry-run"])
+    result = invoke(["run", str(converted), "-o", str(output), "--dry-run"], key=None)
     assert result.exit_code == 1, result.output
 
 
@@ -404,12 +417,13 @@ def test_a_journal_of_another_input_is_refused_too(tmp_path: Path) -> None:
     write_input(second, 20, invalid=False)
     facts = {"path": str(first), "rows": 20, "keys_sha256": "0" * 64}
     journal_path(output).write_text(json.dumps({"e": "start", "input": facts}) + '\n{"e":"se')
-    refused = CliRunner().invoke(cli, ["run", str(second), "-o", str(output), "--dry-run"])
+    refused = invoke(["run", str(second), "-o", str(output), "--dry-run"], key=None)
     assert refused.exit_code == 2
     assert "holds results of another input" in refused.output
 
 
 def test_journal_and_results_are_owner_only(tmp_path: Path) -> None:
+    """The journal, the result file and its temporary file are owner-only (0600)."""
     from allo_batch.models import RowResult
     from allo_batch.record import Journal, OrderedResults
 
@@ -438,6 +452,8 @@ def test_journal_and_results_are_owner_only(tmp_path: Path) -> None:
 def test_a_signal_outside_the_send_phase_exits_130_and_restores_handlers(
     log_format: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A signal before sending exits 130 with one line (text or JSON) and restores the handlers it
+    replaced."""
     from allo_batch.cli import _exit_130_on_signals
     from allo_batch.report import RunConsole
 

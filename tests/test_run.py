@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from allo_batch.cli import cli
-from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.record import sidecar_path
+from allo_batch.sandbox import PERSONAS, ApiKey, World, build_world
 from allo_batch.sandbox.world import load_world_file
-from tests.conftest import SandboxFactory
+from tests.helpers import KEY, PERSONA_NAMES, WRONG_KEY, SandboxFactory, invoke, sha
 
-KEY = "ak_test_secret_9f8e7d6c5b4a"
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 
 # What the sandbox world of sample_data/ makes the API answer for the rows that pass local checks.
@@ -28,35 +25,28 @@ EXPECTED_API_REFUSALS = {
 }
 
 
-def invoke(args: list[str], *, key: str | None = KEY) -> Any:
-    env = {"ALLO_API_KEY": key} if key else {}
-    return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
-
-
-def sample_world(write_rate: int) -> Any:
+def sample_world(write_rate: int) -> World:
     world = load_world_file(SAMPLE / "world.json")
     world.add_key(ApiKey(key=KEY, write_per_second=write_rate))
     return world
 
 
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def check_end_state(results: pl.DataFrame, state: dict[str, Any], source: Path) -> None:
-    """Every valid row landed exactly once in the right place; every other row has its code."""
+def check_end_state(results: pl.DataFrame, state: dict[str, Any], source: Path) -> dict[str, int]:
+    """Every valid row landed exactly once in the right place (in this run, or in an earlier
+    run of the same output when this one is a rerun); every other row has its code. Returns
+    the result file's count of rows by status."""
     rows = pl.read_csv(source, infer_schema=False)
     landed = {(s["call_id"], s["template_key"]): s for s in state["summaries"] if s["writes"]}
     assert results.height == rows.height
     assert results["row"].to_list() == list(range(rows.height))
-    updated = results.filter(pl.col("status") == "updated")
+    done = results.filter((pl.col("status") == "updated") | (pl.col("reason") == "landed_earlier"))
     written = {}
-    for row in updated.iter_rows(named=True):
+    for row in done.iter_rows(named=True):
         content = rows["content"][row["row"]]
         assert row["content_sha256"] == sha(content)
         written[row["call_id"]] = row
-    # Each summary that changed was written exactly once, with the content of its row.
-    assert len(landed) == updated.height
+    # Each summary that changed was written exactly once, with the content of its row(s).
+    assert len(landed) == len(written) == 279
     for (call_id, _template), summary in landed.items():
         assert summary["writes"] == 1, call_id
         assert summary["content_sha256"] == written[call_id]["content_sha256"]
@@ -73,51 +63,75 @@ def check_end_state(results: pl.DataFrame, state: dict[str, Any], source: Path) 
     assert codes["cll-000502"] == "INVALID_REQUEST_BODY"
     assert codes["cll-000503"] == "INVALID_REQUEST_BODY"
     assert codes["cll-000011"] == "DUPLICATE_ROW"
-    by_status = results.group_by("status").len().to_dicts()
-    assert {d["status"]: d["len"] for d in by_status} == {
-        "updated": 279,
-        "skipped": 1,
-        "invalid": 8,
-        "failed": 4,
-    }
+    counts = dict(results.group_by("status").len().iter_rows())
+    # 279 rows landed plus one exact repeat of one of them; a rerun reports landed rows skipped.
+    assert counts.get("updated", 0) + counts.get("skipped", 0) == 280
+    assert (counts["invalid"], counts["failed"]) == (8, 4)
+    assert set(counts) <= {"updated", "skipped", "invalid", "failed"}
+    return counts
 
 
+def left_by_a_500(output: Path) -> int:
+    """Rows of a result file that a 500 saying "not retryable" left for a rerun: failed by a
+    PATCH's 500, or not sent because a batch read's 500 stopped the run."""
+    results = pl.read_csv(output, infer_schema_length=None)
+    failed = (pl.col("status") == "failed") & (pl.col("error_code") == "INTERNAL_SERVER_ERROR")
+    return results.filter(failed | (pl.col("status") == "not_sent")).height
+
+
+SAMPLE_FAULTS = "latency=5ms,jitter=5ms,500=0.05,502=0.03,503=0.05,drop=0.03"
+
+
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 @pytest.mark.parametrize(
     "faults",
-    [
-        pytest.param(None, id="no-faults"),
-        pytest.param("latency=5ms,jitter=5ms,500=0.05,502=0.03,503=0.05,drop=0.03", id="faults"),
-    ],
+    [pytest.param(None, id="no-faults"), pytest.param(SAMPLE_FAULTS, id="faults")],
 )
 def test_sample_corrections_land_exactly_once(
-    sandbox_factory: SandboxFactory, tmp_path: Path, faults: str | None
+    sandbox_factory: SandboxFactory, tmp_path: Path, faults: str | None, persona: str
 ) -> None:
-    """The sample file's valid rows land once each; refusals carry the API's codes; exit 1."""
+    """The sample file's valid rows land once each, through injected 500, 502, 503 and dropped
+    connections; refusals carry the API's codes; exit 1; no 429."""
     output = tmp_path / "out.results.csv"
-    with sandbox_factory(sample_world(200), api_key=KEY, faults=faults, seed=11) as sandbox:
-        result = invoke(
-            [
-                "run",
-                str(SAMPLE / "corrections.csv"),
-                "--base-url",
-                sandbox.base_url,
-                "-o",
-                str(output),
-                "--json",
-                "--max-attempts",
-                "8",
-            ]
-        )
+    retries_500 = PERSONAS[persona].retryable_500 is not False
+    with sandbox_factory(
+        sample_world(200), api_key=KEY, faults=faults, seed=11, persona=persona
+    ) as sandbox:
+        args = ["run", str(SAMPLE / "corrections.csv"), "--base-url", sandbox.base_url]
+        args += ["-o", str(output), "--json", "--max-attempts", "8"]
+        runs = [invoke(args)]
+        # Under retryable_500=False an injected 500 ends its row on this run (the API said a
+        # retry cannot succeed): a PATCH's 500 fails the row, a batch read's 500 stops the run
+        # (exit 3, the rest not_sent). A rerun sends those rows again: rerun (bounded) until
+        # none is left. Every other persona retries a 500 within the run.
+        for _ in range(10):
+            if retries_500 or not left_by_a_500(output):
+                break
+            runs.append(invoke(args))
         state = sandbox.state()
-    assert result.exit_code == 1, result.output
-    summary = json.loads(result.stdout)
-    assert summary["rate_limited"] == 0 == state["counters"].get("rate_limited", 0)
-    check_end_state(
+    summaries = [json.loads(run.stdout) for run in runs]
+    assert runs[-1].exit_code == 1, runs[-1].output
+    for run, summary in zip(runs, summaries, strict=True):
+        if run.exit_code == 3:
+            assert not retries_500
+            assert (
+                summary["stopped_reason"] == "batch read failed: INTERNAL_SERVER_ERROR (HTTP 500)"
+            )
+    assert (
+        sum(s["rate_limited"] for s in summaries) == 0 == state["counters"].get("rate_limited", 0)
+    )
+    counts = check_end_state(
         pl.read_csv(output, infer_schema_length=None), state, SAMPLE / "corrections.csv"
     )
+    if len(runs) == 1:
+        assert counts == {"updated": 279, "skipped": 1, "invalid": 8, "failed": 4}
     if faults:
-        assert summary["requests"] > 283
+        assert sum(s["requests"] for s in summaries) > 283  # retries on top of 283 rows
         assert sum(v for k, v in state["counters"].items() if k.startswith("fault_")) > 0
+        # With 5 % of the writes answered 500, a persona that says "not retryable" costs reruns.
+        assert (len(runs) > 1) is not retries_500
+    else:
+        assert len(runs) == 1
 
 
 def test_rerun_sends_nothing_and_carries_versions(
@@ -147,10 +161,13 @@ def test_rerun_sends_nothing_and_carries_versions(
     assert pl.read_parquet(output)["status"].to_list() == ["skipped", "updated"]
 
 
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_pacing_at_a_low_limit_gives_zero_429s(
-    sandbox_factory: SandboxFactory, tmp_path: Path
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
 ) -> None:
-    """At a 4/s key limit read from /me, 20 rows with 6 workers get no 429 from the sandbox."""
+    """At a 4/s key limit read from /me, 20 rows with 6 workers get no 429 from the sandbox,
+    whether it counts in fixed or sliding windows and whichever budget its batch reads spend
+    (the client paces reads with the write budget, so they never push a write into a 429)."""
     source = tmp_path / "in.ndjson"
     source.write_text(
         "".join(json.dumps({"call_id": f"cll-{i}", "content": f"c{i}"}) + "\n" for i in range(20))
@@ -158,25 +175,45 @@ def test_pacing_at_a_low_limit_gives_zero_429s(
     world = build_world(
         api_key=KEY, write_rate=4, seed_pairs=[(f"cll-{i}", None) for i in range(20)]
     )
-    with sandbox_factory(world, api_key=KEY, faults="latency=30ms,jitter=20ms") as sandbox:
-        result = invoke(
-            [
-                "run",
-                str(source),
-                "--base-url",
-                sandbox.base_url,
-                "-o",
-                str(tmp_path / "r.ndjson"),
-                "--concurrency",
-                "6",
-                "--json",
-            ]
-        )
+    faults = "latency=30ms,jitter=20ms"
+    with sandbox_factory(world, api_key=KEY, faults=faults, persona=persona) as sandbox:
+        output = str(tmp_path / "r.ndjson")
+        args = ["run", str(source), "--base-url", sandbox.base_url, "-o", output]
+        result = invoke([*args, "--concurrency", "6", "--json"])
         counters = sandbox.state()["counters"]
     assert result.exit_code == 0, result.output
     assert counters["writes_applied"] == 20
     assert counters.get("rate_limited", 0) == 0
-    assert json.loads(result.stdout)["rate_limit"] == 4
+    summary = json.loads(result.stdout)
+    assert (summary["rate_limit"], summary["rate_limited"]) == (4, 0)
+
+
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
+def test_only_a_refused_prefix_costs_one_more_request_and_the_form_is_recorded(
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
+) -> None:
+    """Every row lands whichever Authorization form the API takes; an API that refuses the
+    documented ``Api-Key <key>`` (secondhand: bare key only) costs exactly one more /me and one
+    401, and the sidecar records the form kept."""
+    source = tmp_path / "in.csv"
+    source.write_text("call_id,content\n" + "".join(f"cll-{i},fix {i}\n" for i in range(10)))
+    output = tmp_path / "out.csv"
+    world = build_world(
+        api_key=KEY, write_rate=100, seed_pairs=[(f"cll-{i}", None) for i in range(10)]
+    )
+    with sandbox_factory(world, api_key=KEY, persona=persona) as sandbox:
+        result = invoke(["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)])
+        counters = sandbox.state()["counters"]
+    bare_only = PERSONAS[persona].auth == "bare"
+    assert result.exit_code == 0, result.output
+    assert counters["writes_applied"] == 10
+    assert counters["me"] == (2 if bare_only else 1)
+    assert counters.get("unauthorized", 0) == (1 if bare_only else 0)
+    sidecar = json.loads(sidecar_path(output).read_text())
+    form = "bare" if bare_only else "prefixed"
+    assert sidecar["auth_form"] == sidecar["summary"]["auth_form"] == form
+    # Every later request used the form /me settled on.
+    assert counters[f"auth_{form}"] == counters["requests"] - counters.get("unauthorized", 0)
 
 
 def test_the_key_never_appears_in_any_output(
@@ -191,29 +228,36 @@ def test_the_key_never_appears_in_any_output(
         ok = invoke(["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)])
         bad = invoke(
             ["run", str(source), "--base-url", sandbox.base_url, "-o", str(tmp_path / "b.csv")],
-            key="ak_wrong_key_123",
+            key=WRONG_KEY,
         )
     texts = [ok.output, bad.output, *(p.read_text() for p in tmp_path.iterdir() if p.is_file())]
     assert ok.exit_code == 1 and bad.exit_code == 3
     for text in texts:
         assert KEY not in text
-        assert "ak_wrong_key_123" not in text
+        assert WRONG_KEY not in text
 
 
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_revoked_or_wrong_key_stops_at_once_with_exit_3(
-    sandbox_factory: SandboxFactory, tmp_path: Path
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
 ) -> None:
-    """401 at /me: nothing is sent, every row is not_sent, exit 3."""
+    """401 at /me: nothing is sent, every row is not_sent, exit 3, whichever key form the API
+    takes."""
     source = tmp_path / "in.csv"
     source.write_text("call_id,content\ncll-1,one\ncll-2,two\n")
     output = tmp_path / "r.csv"
-    with sandbox_factory(build_world(api_key=KEY), api_key=KEY) as sandbox:
+    with sandbox_factory(build_world(api_key=KEY), api_key=KEY, persona=persona) as sandbox:
         result = invoke(
             ["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)], key="ak_nope"
         )
         counters = sandbox.state()["counters"]
     assert result.exit_code == 3
-    assert "API_KEY_INVALID" in result.output
+    # An API that takes only the bare key refuses the documented form before looking at the
+    # key (UNAUTHORIZED); the client tries the bare form once (API_KEY_INVALID), and reports
+    # the first of the two 401s.
+    bare_only = PERSONAS[persona].auth == "bare"
+    assert ("UNAUTHORIZED" if bare_only else "API_KEY_INVALID") in result.output
+    assert counters["me"] == 2  # any refused Api-Key form is followed by the bare key, once
     assert counters.get("writes_applied", 0) == 0
     assert pl.read_csv(output)["status"].to_list() == ["not_sent", "not_sent"]
 

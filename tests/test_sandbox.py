@@ -23,9 +23,9 @@ from allo_batch.sandbox import ApiKey, FaultSpecError, SandboxApp, build_world, 
 from allo_batch.sandbox.faults import decide
 from allo_batch.sandbox.limits import FixedWindowLimiter
 from allo_batch.sandbox.world import WorldError, load_world_file, pairs_from_file
-from tests.conftest import SandboxFactory
+from tests.helpers import SANDBOX_KEY, SandboxFactory, sha
 
-KEY = "ak_test_full"
+KEY = SANDBOX_KEY
 READ_ONLY = "ak_test_read"
 WRITE_ONLY = "ak_test_write"
 
@@ -501,13 +501,11 @@ class TestInspectionAndWorlds:
         self, client: httpx.Client
     ) -> None:
         """State shows each summary's content hash, version and applied writes; reset undoes it."""
-        import hashlib
-
         patch(client, "cll-one", {"content": "# Fixed"})
         patch(client, "cll-one", {"content": "# Fixed again"})
         state = client.get("/_sandbox/state?written=1").json()
         [one] = state["summaries"]
-        assert one["content_sha256"] == hashlib.sha256(b"# Fixed again").hexdigest()
+        assert one["content_sha256"] == sha("# Fixed again")
         assert (one["version"], one["writes"]) == (3, 2)
         assert state["counters"]["writes_applied"] == 2
         assert client.post("/_sandbox/reset").json() == {"ok": True}

@@ -4,12 +4,12 @@ one table of options drives the command line, job specs and ``JobConfig``."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import click
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
 import allo_batch
 from allo_batch.cli import cli
@@ -17,8 +17,7 @@ from allo_batch.errors import UsageError
 from allo_batch.jobspec import KEYS, RunRequest, configs_for
 from allo_batch.options import RUN_OPTIONS
 from allo_batch.pipeline import run_jobs
-from allo_batch.sandbox import ApiKey, build_world
-from tests.conftest import SandboxFactory
+from tests.helpers import KEY, SandboxFactory, invoke, world_for
 
 PACKAGE = Path(allo_batch.__file__).parent
 STAGES = {"read", "validate", "look", "plan", "send", "record", "report"}
@@ -93,15 +92,16 @@ def test_a_two_file_job_gives_the_python_api_what_it_gives_the_cli(
     same result files and the same exit code."""
     drop = tmp_path / "drop"
     drop.mkdir()
+    parts = []
     for part in (1, 2):
-        pl.DataFrame(
+        frame = pl.DataFrame(
             {
                 "call_id": [f"cll-{part}{i:03d}" for i in range(5)] + ["msg-1"],
                 "content": [f"fix {part} {i}" for i in range(6)],
             }
-        ).write_csv(drop / f"part-{part}.csv")
-    pairs = [(f"cll-{p}{i:03d}", None) for p in (1, 2) for i in range(5)]
-    key = "ak_structure_key"
+        )
+        frame.write_csv(drop / f"part-{part}.csv")
+        parts.append(frame)
 
     def spec(out: str) -> Path:
         path = tmp_path / f"{out}.toml"
@@ -110,30 +110,17 @@ def test_a_two_file_job_gives_the_python_api_what_it_gives_the_cli(
 
     results = {}
     for way in ("api", "cli"):
-        world = build_world(seed_pairs=pairs)
-        world.add_key(ApiKey(key=key, write_per_second=100))
-        with sandbox_factory(world, api_key=key) as sandbox:
+        with sandbox_factory(world_for(*parts, write_rate=100), api_key=KEY) as sandbox:
             if way == "api":
-                request = RunRequest(job=spec(way), api_key=allo_batch.Secret(key))
-                plan = configs_for(request)
-                plan = type(plan)(
-                    [
-                        c.__class__(**{**_fields(c), "base_url": sandbox.base_url})
-                        for c in plan.configs
-                    ]
-                )
-                code = run_jobs(plan.configs).exit_code
+                request = RunRequest(job=spec(way), api_key=allo_batch.Secret(KEY))
+                configs = [
+                    dataclasses.replace(config, base_url=sandbox.base_url)
+                    for config in configs_for(request).configs
+                ]
+                code = run_jobs(configs).exit_code
             else:
-                code = (
-                    CliRunner()
-                    .invoke(
-                        cli,
-                        ["run", "--job", str(spec(way)), "--base-url", sandbox.base_url],
-                        env={"ALLO_API_KEY": key},
-                        catch_exceptions=False,
-                    )
-                    .exit_code
-                )
+                args = ["run", "--job", str(spec(way)), "--base-url", sandbox.base_url]
+                code = invoke(args).exit_code
         files = sorted((tmp_path / way).glob("*.results.csv"))
         results[way] = (
             code,
@@ -145,7 +132,3 @@ def test_a_two_file_job_gives_the_python_api_what_it_gives_the_cli(
     assert api[1] == via_cli[1] == ["part-1.results.csv", "part-2.results.csv"]
     for left, right in zip(api[2], via_cli[2], strict=True):
         assert left.equals(right)
-
-
-def _fields(config: object) -> dict[str, object]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}  # type: ignore[attr-defined]

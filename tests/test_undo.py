@@ -3,7 +3,6 @@ against the sandbox, and after ``kill -9`` at random moments during a run and du
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -12,28 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from allo_batch.cli import cli
 from allo_batch.record import read_before_images, read_results
-from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.sandbox import PERSONAS, ApiKey, RunningSandbox, build_world
 from allo_batch.sandbox.world import World
-from tests.conftest import SandboxFactory
+from tests.helpers import KEY, PERSONA_NAMES, SandboxFactory, authorization, invoke
 
-KEY = "ak_undo_key_5a1e"
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def invoke(args: list[str]) -> Any:
-    return CliRunner().invoke(cli, args, env={"ALLO_API_KEY": KEY}, catch_exceptions=False)
+READ_LAG_MARGIN = 0.5  # seconds on top of a persona's read_lag, for a loaded test machine
 
 
 def setup(tmp_path: Path, rows: int, *, rate: int = 500) -> tuple[Path, World, dict[str, str]]:
@@ -55,45 +43,63 @@ def setup(tmp_path: Path, rows: int, *, rate: int = 500) -> tuple[Path, World, d
     return source, world, originals
 
 
-def edit(sandbox: Any, call_id: str, text: str) -> None:
+def edit(sandbox: RunningSandbox, call_id: str, text: str, persona: str = "documented") -> None:
     """Someone else changes a summary, through the API like anyone would."""
     answer = httpx.patch(
         f"{sandbox.base_url}/v2/api/conversations/items/{call_id}/summary",
         json={"content": text},
-        headers={"Authorization": f"Api-Key {KEY}"},
+        headers=authorization(KEY, persona),
         timeout=10,
     )
     assert answer.status_code == 200, answer.text
 
 
-def held(sandbox: Any) -> dict[str, str]:
+def held(sandbox: RunningSandbox) -> dict[str, str]:
     """What each call's summary holds now, straight from the sandbox's world."""
     return {c: next(iter(t.values())).content for c, t in sandbox.app.world.calls.items()}
 
 
+def wait_for_reads_to_show_the_writes(persona: str) -> None:
+    """Sleep until the persona's reads show every write made so far (``read_lag`` + margin)."""
+    lag = PERSONAS[persona].read_lag
+    if lag:
+        time.sleep(lag + READ_LAG_MARGIN)
+
+
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_undo_restores_what_nobody_touched_and_reports_the_rest_as_conflicts(
-    sandbox_factory: SandboxFactory, tmp_path: Path
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
 ) -> None:
-    """200 rows written; someone edits 20 targets; undo restores exactly the other 180, leaves
-    the 20 as conflict (exit 1); --dry-run said so first; undoing the undo writes the run's
-    content back."""
+    """200 rows written, each with a before-image of what it replaced; someone edits 20
+    targets; undo restores exactly the other 180, leaves the 20 as conflict (exit 1);
+    --dry-run said so first; undoing the undo writes the run's content back."""
     source, world, originals = setup(tmp_path, 200)
     results = tmp_path / "run.csv"
-    with sandbox_factory(world, api_key=KEY) as sandbox:
+    with sandbox_factory(world, api_key=KEY, persona=persona) as sandbox:
         url = sandbox.base_url
         assert invoke(["run", str(source), "-o", str(results), "--base-url", url]).exit_code == 0
         edited = {f"cll-{i:05d}" for i in random.Random(5).sample(range(200), 20)}
         for call_id in sorted(edited):
-            edit(sandbox, call_id, "edited by a human")
+            edit(sandbox, call_id, "edited by a human", persona)
+        # Under read_lag > 0 a read made now still shows the targets as they were before the
+        # run: the undo would find each one already holding its before-image ("unchanged",
+        # exit 0) and put nothing back (see docs/api-choices.md). Its reads are trusted only
+        # once they show the writes, so wait read_lag plus a margin; the same before undoing
+        # the undo.
+        wait_for_reads_to_show_the_writes(persona)
         patches = sandbox.state()["counters"]["patch"]
         preview = invoke(["undo", str(results), "--base-url", url, "--dry-run", "--json"])
         assert sandbox.state()["counters"]["patch"] == patches  # a dry run writes nothing
         undone = invoke(["undo", str(results), "--base-url", url, "--json"])
         now = held(sandbox)
+        wait_for_reads_to_show_the_writes(persona)
         redo = invoke(
             ["undo", str(results.with_name("run.csv.undo.parquet")), "--base-url", url, "--json"]
         )
         after_redo = held(sandbox)
+    images = read_before_images(results)
+    assert dict(images.select("call_id", "content").iter_rows()) == originals
+    assert images["certain"].all()
     dry = json.loads(preview.stdout)
     assert dry["by_status"] == {"not_sent": 180, "conflict": 20}
     summary = json.loads(undone.stdout)
@@ -165,7 +171,9 @@ def start(command: str, args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def kill_after_writes(sandbox: Any, process: subprocess.Popen[str], at_least: int) -> None:
+def kill_after_writes(
+    sandbox: RunningSandbox, process: subprocess.Popen[str], at_least: int
+) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:
         if sandbox.app.counters.get("writes_applied", 0) >= at_least:
