@@ -318,8 +318,10 @@ class Sender:
             if answer.http_status in (401, 403):
                 self.stop(AuthRefusedError(_auth_message(answer, "batch read")), grace=0)
                 raise ReadStoppedError
-            if not answer.retryable:
-                return answer  # the look stage decides (an unknown id narrows the batch)
+            if not answer.retryable and not _unreachable(answer):
+                # A refusal (an unknown id narrows the batch): the look stage decides. A 5xx
+                # is retried whatever its flag says: a read changes nothing, so it is safe.
+                return answer
             failures += 1
             api_down = _unreachable(answer)
             if api_down:

@@ -280,3 +280,28 @@ def test_a_stop_wakes_rows_waiting_to_retry() -> None:
 
     anyio.run(go)
     assert [r.status for r in recorded.results] == ["not_sent"]
+
+
+def test_a_batch_read_is_retried_on_a_5xx_whatever_its_retryable_flag() -> None:
+    """A read changes nothing, so a 500 that says `retryable: false` is still retried (a PATCH
+    with that answer fails its row; a read must not stop the whole run)."""
+    items = httpx.Response(200, json={"data": [{"id": "cll-1", "summary": "x"}]})
+    handler, paths = scripted(envelope(500, "INTERNAL_SERVER_ERROR", retryable=False), items)
+    time = FakeTime()
+
+    async def go() -> Any:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            client = AlloClient(http, "http://127.0.0.1:9", Secret("ak_send_test"))
+            sender = Sender(
+                client,
+                Pacer(1e6),
+                Recorded(),
+                policy=RetryPolicy(),
+                clock=time.clock,
+                sleep=time.sleep,
+            )
+            return await sender.read_items(["cll-1"], lane=0)
+
+    answer = anyio.run(go)
+    assert answer.kind == "ok"
+    assert len(paths) == 2

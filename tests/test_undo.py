@@ -219,3 +219,21 @@ def test_kill_9_during_a_run_and_an_undo_still_leaves_every_target_accounted_for
     undo_results = read_results(results.with_name("run.parquet.undo.parquet"))
     assert set(undo_results["status"]) <= {"updated", "skipped", "unchanged"}
     assert undo_results.height == 300
+
+
+def test_an_undo_right_after_a_run_restores_even_when_reads_lag(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """With reads 1.5 s behind (awkward), a read right after the run still shows the original:
+    the undo must write it back anyway, never settle such a row as unchanged."""
+    source, world, originals = setup(tmp_path, 40)
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY, persona="awkward") as sandbox:
+        url = sandbox.base_url
+        auth = ["--base-url", url]
+        assert invoke(["run", str(source), "-o", str(results), *auth]).exit_code == 0
+        undone = invoke(["undo", str(results), *auth, "--json"])
+        now = held(sandbox)
+    assert undone.exit_code == 0, undone.output
+    assert json.loads(undone.stdout)["by_status"] == {"updated": 40}
+    assert now == originals
