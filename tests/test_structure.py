@@ -58,7 +58,7 @@ def test_the_cli_holds_no_orchestration(name: str) -> None:
 
 def test_every_run_option_of_the_table_is_a_flag_and_a_spec_key() -> None:
     """One declaration: the click command and the job-spec keys are built from the table."""
-    run = cli.commands["run"]
+    run = cli.get_command(click.Context(cli), "run")
     assert isinstance(run, click.Command)
     flags = {opt for param in run.params for opt in getattr(param, "opts", [])}
     for option in RUN_OPTIONS:
@@ -132,3 +132,16 @@ def test_a_two_file_job_gives_the_python_api_what_it_gives_the_cli(
     assert api[1] == via_cli[1] == ["part-1.results.csv", "part-2.results.csv"]
     for left, right in zip(api[2], via_cli[2], strict=True):
         assert left.equals(right)
+
+
+def test_the_command_list_shown_by_help_matches_each_command() -> None:
+    """`allo-batch --help` lists the commands without importing them: its short help texts
+    must say what the commands themselves say."""
+    from allo_batch.cli import COMMANDS
+
+    context = click.Context(cli)
+    assert sorted(cli.list_commands(context)) == sorted(COMMANDS)
+    for name, (_module, short) in COMMANDS.items():
+        command = cli.get_command(context, name)
+        assert command is not None
+        assert command.get_short_help_str(limit=len(short)) == short, name
