@@ -502,7 +502,7 @@ class OrderedResults:
             self._flush()
         held = [pl.DataFrame(list(self._waiting.values()), schema=self.schema, orient="row")]
         for batch in self._batches:
-            held.append(batch.settled.select(self.schema))
+            held.append(batch.settled.select(list(self.schema)))
             held.append(pl.DataFrame(batch.rows, schema=self.schema, orient="row"))
         parts = sorted(self._parts.glob("*.parquet")) if self.format == "parquet" else []
         return Snapshot(
@@ -921,8 +921,11 @@ class _Checkpoints:
         if time.monotonic() - self._last >= self.every or (
             settled - self._last_rows >= _CHECKPOINT_ROWS
         ):
-            snapshot = self.results.snapshot()
             self._last, self._last_rows = time.monotonic(), settled
+            try:
+                snapshot = self.results.snapshot()
+            except Exception as exc:  # a bug: said; the run and its final upload go on
+                log.warning("cannot checkpoint (%s: %s)", type(exc).__name__, str(exc)[:200])
         with self._lock:
             waiting = bool(self._pending)
         if snapshot is None and not waiting:
