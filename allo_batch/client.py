@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import secrets
+import ssl
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Sequence
@@ -91,16 +93,48 @@ def new_request_id() -> str:
     return f"req_{secrets.token_hex(6)}"
 
 
+TransportName = Literal["httpcore", "aiohttp"]
+TRANSPORTS: Final[tuple[TransportName, ...]] = ("httpcore", "aiohttp")
+TRANSPORT_ENV: Final = "ALLO_BATCH_TRANSPORT"
+DEFAULT_TRANSPORT: TransportName = "aiohttp"
+"""What carries httpx's requests when no transport is given: ``"aiohttp"``
+(:class:`AiohttpTransport`) or ``"httpcore"`` (httpx's own). The environment variable
+``ALLO_BATCH_TRANSPORT`` overrides it. Chosen by ``tests/benchmarks/transports.py``: at 8
+workers aiohttp costs about half the client CPU per request of httpcore (h11 and httpcore's pool
+are most of a request's CPU there)."""
+
+
+def chosen_transport(transport: TransportName | None = None) -> TransportName:
+    """``transport``, else ``$ALLO_BATCH_TRANSPORT``, else :data:`DEFAULT_TRANSPORT`."""
+    name = transport or os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT
+    if name not in TRANSPORTS:
+        msg = f"unknown HTTP transport {name!r}; known: {', '.join(TRANSPORTS)}"
+        raise ValueError(msg)
+    return name
+
+
 def make_http_client(
-    *, timeout: float, transport: Any = None, verify: Any = True
+    *,
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | TransportName | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.AsyncClient:
     """An AsyncClient for one worker: HTTP/1.1 over one kept-alive connection (perf rules 1–4;
-    why one each: :func:`http_lanes`)."""
+    why one each: :func:`http_lanes`).
+
+    ``transport`` is an httpx transport (a test's MockTransport), or the name of the one to
+    build (see :data:`DEFAULT_TRANSPORT`). Timeouts, redirects (never followed), TLS
+    verification and the errors raised are the same whichever carries the requests.
+    """
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    return httpx.AsyncClient(
+    if not isinstance(transport, httpx.AsyncBaseTransport) and (
+        chosen_transport(transport) == "aiohttp"
+    ):
+        transport = AiohttpTransport(verify=verify, keepalive_expiry=limits.keepalive_expiry)
+    return _Lane(
         limits=limits,
         timeout=httpx.Timeout(timeout, pool=None),
-        transport=transport,
+        transport=transport if isinstance(transport, httpx.AsyncBaseTransport) else None,
         follow_redirects=False,
         verify=verify,
     )
@@ -111,7 +145,7 @@ async def http_lanes(
     *,
     workers: int,
     timeout: float,  # noqa: ASYNC109 (each request's timeout, not this function's)
-    transport: Any = None,
+    transport: httpx.AsyncBaseTransport | TransportName | None = None,
 ) -> AsyncIterator[list[httpx.AsyncClient]]:
     """The run's clients, built once: one single-connection client per worker, all sharing one
     TLS context (building one costs 0.06 ms with it, performance.md L8).
@@ -122,9 +156,9 @@ async def http_lanes(
     request than a bare loop; it also makes each scan of the pool cost more the more connections
     it holds (L3). A pool that only its own worker uses never races and scans one connection.
     """
-    import ssl
-
-    verify: Any = ssl.create_default_context() if transport is None else True
+    verify: ssl.SSLContext | bool = (
+        True if isinstance(transport, httpx.AsyncBaseTransport) else ssl.create_default_context()
+    )
     async with AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(
@@ -132,6 +166,152 @@ async def http_lanes(
             )
             for _ in range(max(workers, 1))
         ]
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that never takes a cookie from a response (so it never sends one)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class _Lane(httpx.AsyncClient):
+    """An AsyncClient without a cookie jar.
+
+    The API authenticates with a key and sets no cookies; a jar would only carry state from one
+    row's answer to the next. And it is not free: httpx rebuilds every response as a urllib
+    request and an email message for it, about 45 CPU-µs per request, a fifth of a whole
+    request over aiohttp (measured with tests/benchmarks/transports.py).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        raise AttributeError("allo-batch's HTTP clients keep no cookies")
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's requests carried by aiohttp, over at most one kept-alive connection.
+
+    Why not the ``httpx-aiohttp`` package's transport: it maps a refused and a dropped
+    connection to ``httpx.ConnectTimeout`` (so they would count as TIMEOUT), lets a malformed
+    answer out as an aiohttp exception, and hands aiohttp the URL as text, which yarl decodes and
+    normalises again (``/items/%2E%2E/summary`` goes out as ``/summary``).
+
+    Here every failure becomes the httpx exception httpcore raises for it: a refused connection
+    ``ConnectError``, a connect timeout ``ConnectTimeout``, a read timeout ``ReadTimeout``, a
+    connection dropped before or during the answer or a malformed answer
+    ``RemoteProtocolError``, a reset ``ReadError``.
+
+    The answer's body is read here, whole (the API's answers are small JSON), so the response
+    given to httpx is complete and the connection is back in the pool when httpx gets it.
+    Timeouts: httpx's connect and read timeouts become aiohttp's ``sock_connect`` and
+    ``sock_read``; aiohttp has no write timeout (a request body is at most ~100 KB, which the
+    socket buffers take). HTTP/1.1 only; environment proxies are httpx's business (it mounts
+    its own transports for them, as with httpcore).
+    """
+
+    def __init__(
+        self, *, verify: ssl.SSLContext | bool = True, keepalive_expiry: float | None = 5.0
+    ):
+        try:
+            import aiohttp
+        except ImportError as exc:  # pragma: no cover (a required dependency)
+            msg = "the aiohttp transport needs aiohttp (pip install aiohttp)"
+            raise ImportError(msg) from exc
+        import yarl
+
+        self._aiohttp = aiohttp
+        self._url = yarl.URL
+        self._ssl = (
+            verify
+            if isinstance(verify, ssl.SSLContext)
+            else httpx.create_ssl_context(verify=verify)
+        )
+        self._keepalive = keepalive_expiry
+        self._session: Any = None
+        self._timeouts: dict[tuple[Any, Any], Any] = {}
+
+    def _open(self) -> Any:
+        aiohttp = self._aiohttp
+        connector = aiohttp.TCPConnector(
+            limit=1, ssl=self._ssl, keepalive_timeout=self._keepalive, force_close=False
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        return self._session
+
+    def _timeout(self, request: httpx.Request) -> Any:
+        given = request.extensions.get("timeout") or {}
+        key = (given.get("connect"), given.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=key[0], sock_read=key[1]
+            )
+            self._timeouts[key] = timeout
+        return timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        try:
+            async with session.request(
+                request.method,
+                # As httpx encoded it: yarl would otherwise decode and normalise the path again,
+                # turning an id of ``..`` (sent as ``%2E%2E``) back into a step up.
+                self._url(str(request.url), encoded=True),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                compress=False,
+                timeout=self._timeout(request),
+            ) as answer:
+                body = await answer.read()
+                status, headers, reason = answer.status, answer.raw_headers, answer.reason
+        except Exception as exc:
+            raise self._translated(exc) from exc
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
+        if reason:
+            extensions["reason_phrase"] = reason.encode("ascii", "replace")
+        return httpx.Response(
+            status, headers=headers, content=body, request=request, extensions=extensions
+        )
+
+    def _translated(self, exc: Exception) -> Exception:
+        """The httpx exception httpcore would raise for ``exc``; ``exc`` itself if it is none
+        of the transport's (a bug of ours, say)."""
+        aiohttp = self._aiohttp
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return httpx.ConnectTimeout(text)
+        if isinstance(exc, TimeoutError):
+            return httpx.ReadTimeout(text)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return httpx.ConnectError(text)
+        if isinstance(exc, aiohttp.ClientOSError):
+            return httpx.ReadError(text)
+        if isinstance(exc, aiohttp.ClientError | aiohttp.http_exceptions.HttpProcessingError):
+            return httpx.RemoteProtocolError(text)
+        if isinstance(exc, OSError):
+            return httpx.ReadError(text)
+        return exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
 
 class AlloClient:

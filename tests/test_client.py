@@ -375,11 +375,12 @@ def test_window_watch_pauses_only_when_another_client_spent_the_window() -> None
 
 def test_each_worker_has_its_own_single_connection_pool() -> None:
     """httpcore 1.0 races queued requests for one idle connection (``ConnectionNotAvailable``),
-    so no two workers share a pool: 20 workers get 20 clients of one connection each."""
+    so no two workers share a pool: 20 workers get 20 clients of one connection each (the same
+    for the aiohttp transport: tests/test_transports.py)."""
     from allo_batch.client import http_lanes
 
     async def go() -> list[int]:
-        async with http_lanes(workers=20, timeout=1) as lanes:
+        async with http_lanes(workers=20, timeout=1, transport="httpcore") as lanes:
             assert len({id(lane) for lane in lanes}) == 20
             return [lane._transport._pool._max_connections for lane in lanes]  # type: ignore[attr-defined]
 
