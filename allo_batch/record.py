@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -355,33 +355,6 @@ def _conform(frame: pl.DataFrame, schema: dict[str, Any]) -> pl.DataFrame:
     return frame.select(column(name, dtype) for name, dtype in schema.items())
 
 
-def scan_results(path: Path) -> pl.LazyFrame:
-    """A result file as a lazy frame of the result schema (as :func:`read_results` reads it,
-    without holding it: a checkpoint streams it)."""
-    import polars as pl
-
-    schema = result_schema()
-    if path.stat().st_size == 0:
-        return pl.LazyFrame(schema=schema)
-    fmt = output_format(path)
-    if fmt == "parquet":
-        frame = pl.scan_parquet(path)
-    elif fmt == "csv":
-        frame = pl.scan_csv(path, infer_schema=False)
-    else:
-        frame = pl.scan_ndjson(path, infer_schema_length=None)
-    found = frame.collect_schema()
-
-    def column(name: str, dtype: Any) -> pl.Expr:
-        if name not in found:
-            return pl.lit(None, dtype).alias(name)
-        if dtype == pl.Boolean and found[name] == pl.String:
-            return (pl.col(name).str.to_lowercase() == "true").alias(name)
-        return pl.col(name).cast(dtype).alias(name)
-
-    return frame.select(column(name, dtype) for name, dtype in schema.items())
-
-
 @dataclass(slots=True)
 class _Batch:
     """An input batch whose settled rows wait for its ``pending`` sent rows."""
@@ -568,39 +541,131 @@ class Snapshot:
 
 def write_checkpoint(snapshot: Snapshot, earlier: Path | None, dest: Path) -> None:
     """A whole result file at ``dest``: the rows settled so far and, for the rows after them,
-    what ``earlier`` (the result file this run started from) said, in row order. Streams the
-    files; memory holds the rows in flight."""
+    what ``earlier`` (the result file this run started from) said, in row order. Every file is
+    streamed a block at a time (pyarrow's readers, as for inputs): memory holds a block and the
+    rows in flight, whatever the size of the result file."""
     import polars as pl
 
-    later = snapshot.held.lazy()
-    if earlier is not None and earlier.exists():
-        held_rows = snapshot.held["row"]
-        previous = scan_results(earlier).filter(
-            (pl.col("row") >= snapshot.written) & ~pl.col("row").is_in(held_rows.implode())
+    later = _later_rows(snapshot, earlier)
+    if snapshot.format == "parquet":
+        _parquet_checkpoint(snapshot, later, dest)
+        return
+    fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as sink:
+        with snapshot.temp.open("rb") as prefix:
+            left = snapshot.length
+            while left > 0 and (block := prefix.read(min(_COPY_BLOCK, left))):
+                sink.write(block)
+                left -= len(block)
+        header = snapshot.format == "csv" and not snapshot.header
+        for frame in later:
+            if snapshot.format == "csv":
+                frame.write_csv(sink, include_header=header)
+                header = False
+            else:
+                frame.write_ndjson(sink)
+        if header:
+            pl.DataFrame(schema=snapshot.schema).write_csv(sink)
+
+
+def _later_rows(snapshot: Snapshot, earlier: Path | None) -> Iterator[pl.DataFrame]:
+    """The rows after the written ones: held rows, else what ``earlier`` said, in row order
+    (both are sorted; the held rows are few)."""
+    import polars as pl
+
+    held = snapshot.held
+    if earlier is None or not earlier.exists() or earlier.stat().st_size == 0:
+        if held.height:
+            yield held
+        return
+    skip = held["row"].to_list()
+    taken = 0
+    for frame in _result_batches(earlier, snapshot.schema):
+        frame = frame.filter((pl.col("row") >= snapshot.written) & ~pl.col("row").is_in(skip))
+        if not frame.height:
+            continue
+        upto = int(held["row"].search_sorted(frame["row"][-1], side="right"))
+        if upto > taken:
+            frame = pl.concat([frame, held.slice(taken, upto - taken)]).sort("row")
+            taken = upto
+        yield frame
+    if taken < held.height:
+        yield held.slice(taken)
+
+
+def _result_batches(path: Path, schema: dict[str, Any]) -> Iterator[pl.DataFrame]:
+    """A result file of any format, a block at a time, with the result schema."""
+    import polars as pl
+    import pyarrow as pa
+
+    fmt = output_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(path) as handle:
+            for batch in handle.iter_batches(batch_size=_CHUNK_ROWS):
+                yield _conform(_frame(pa.Table.from_batches([batch])), schema)
+        return
+    reader: Any
+    if fmt == "csv":
+        import csv
+
+        import pyarrow.csv as pcsv
+
+        with path.open(newline="", encoding="utf-8") as text:
+            names = next(csv.reader(text), [])
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.large_string()),
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            ),
         )
-        later = previous.merge_sorted(later, key="row")
-    extra = dest.with_name(f".{dest.name}.rest")
+    else:
+        import pyarrow.json as pjson
+
+        arrow = {pl.Int64: pa.int64(), pl.Boolean: pa.bool_()}
+        fields = [(name, arrow.get(dtype, pa.large_string())) for name, dtype in schema.items()]
+        reader = pjson.open_json(
+            path,
+            read_options=pjson.ReadOptions(block_size=1 << 20, use_threads=False),
+            parse_options=pjson.ParseOptions(
+                explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore"
+            ),
+        )
     try:
-        if snapshot.format == "parquet":
-            later.sink_parquet(extra)
-            pl.scan_parquet([*snapshot.parts, extra]).sink_parquet(dest)
-            return
-        if snapshot.format == "csv":
-            later.sink_csv(extra, include_header=not snapshot.header)
-        else:
-            later.sink_ndjson(extra)
-        fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with os.fdopen(fd, "wb") as sink:
-            with snapshot.temp.open("rb") as prefix:
-                left = snapshot.length
-                while left > 0 and (block := prefix.read(min(_COPY_BLOCK, left))):
-                    sink.write(block)
-                    left -= len(block)
-            with extra.open("rb") as rest:
-                while block := rest.read(_COPY_BLOCK):
-                    sink.write(block)
+        for batch in reader:
+            yield _conform(_frame(pa.Table.from_batches([batch])), schema)
     finally:
-        extra.unlink(missing_ok=True)
+        reader.close()  # its reading threads stop before the interpreter exits
+
+
+def _frame(table: Any) -> pl.DataFrame:
+    import polars as pl
+
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _parquet_checkpoint(snapshot: Snapshot, later: Iterator[pl.DataFrame], dest: Path) -> None:
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = pl.DataFrame(schema=snapshot.schema).to_arrow().schema
+    fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as sink, pq.ParquetWriter(sink, target) as writer:
+        for part in snapshot.parts:
+            with pq.ParquetFile(part) as handle:
+                for batch in handle.iter_batches(batch_size=_CHUNK_ROWS):
+                    writer.write_table(pa.Table.from_batches([batch]).cast(target))
+        for frame in later:
+            writer.write_table(frame.to_arrow().cast(target))
 
 
 def sidecar_path(output: Path) -> Path:
@@ -905,6 +970,7 @@ class _Checkpoints:
     _worker: threading.Thread | None = None
     _last: float = field(default_factory=time.monotonic)
     _last_rows: int = 0
+    _took: float = 0.0  # how long the last checkpoint took
     _warned: bool = False
 
     def before_written(self, path: Path) -> None:
@@ -918,8 +984,10 @@ class _Checkpoints:
             return
         snapshot = None
         settled = self.results.written
-        if time.monotonic() - self._last >= self.every or (
-            settled - self._last_rows >= _CHECKPOINT_ROWS
+        since = time.monotonic() - self._last
+        # A large result file takes long to write: no more than a tenth of the time on it.
+        if since >= 10 * self._took and (
+            since >= self.every or settled - self._last_rows >= _CHECKPOINT_ROWS
         ):
             self._last, self._last_rows = time.monotonic(), settled
             try:
@@ -936,6 +1004,8 @@ class _Checkpoints:
         self._worker.start()
 
     def _work(self, snapshot: Snapshot | None) -> None:
+        if self.mirror.problem() is not None:
+            return  # another run holds the output now: write nothing more to it
         try:
             self._upload_pending()
             if snapshot is not None:
@@ -961,6 +1031,7 @@ class _Checkpoints:
     def _checkpoint(self, snapshot: Snapshot) -> None:
         """The result file so far, then a sidecar that says it is a checkpoint."""
         dest = self.output.with_name(f".{self.output.name}.checkpoint")
+        started = time.monotonic()
         try:
             write_checkpoint(snapshot, self.output, dest)
             self.mirror.put(dest, self.output)
@@ -973,6 +1044,7 @@ class _Checkpoints:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(json.dumps(facts, indent=2, sort_keys=True).encode() + b"\n")
             self.mirror.put(sidecar, sidecar_path(self.output))
+            self._took = time.monotonic() - started
         finally:
             dest.unlink(missing_ok=True)
             dest.with_name(f".{self.output.name}.checkpoint.run.json").unlink(missing_ok=True)
@@ -985,8 +1057,11 @@ class _Checkpoints:
 
     def finish(self) -> None:
         """The final uploads: before-images, the result file, its sidecar; then the chunk
-        objects that the merged before-images replace."""
+        objects that the merged before-images replace. Nothing once the lock was lost."""
         self.wait()
+        problem = self.mirror.problem()
+        if problem is not None:
+            raise problem
         self._upload_pending()
         folder = before_dir(self.output)
         if folder.is_dir():
@@ -1006,6 +1081,8 @@ class _Checkpoints:
         """At a run that failed to finish: what is settled, if the store takes it."""
         try:
             self.wait()
+            if self.mirror.problem() is not None:
+                return
             self._upload_pending()
             self._checkpoint(self.results.snapshot())
         except Exception as exc:  # the journal keeps what landed; say why, and go on failing

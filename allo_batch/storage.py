@@ -291,10 +291,10 @@ def work_folder(root: Path, output: ObjectUri) -> Path:
     with an ``output.txt`` that names the URI for a person looking."""
     folder = root / "outputs" / hashlib.sha256(output.uri.encode()).hexdigest()[:24]
     _private_folder(folder, root)
-    note = folder / "output.txt"
     with contextlib.suppress(OSError):
-        if not note.exists():
-            note.write_text(f"{output}\n")
+        fd = os.open(folder / "output.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as note:
+            note.write(f"{output}\n")
     return folder
 
 

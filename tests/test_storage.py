@@ -594,3 +594,67 @@ def test_a_stop_uploads_the_whole_result_file(
     assert stopped.filter(pl.col("status") == "not_sent").height > 0
     assert not list(state.rglob("*.journal"))
     assert summary["output"] == bucket.uri("out.ndjson")
+
+
+def test_a_run_whose_lock_is_taken_stops_with_3_and_writes_nothing_more(
+    bucket: Bucket,
+    sandbox_factory: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frame = corrections(60)
+    uri = bucket.put(write_local(frame, tmp_path / "in.csv"), "in.csv")
+    monkeypatch.setattr(storage, "LOCK_HEARTBEAT", 0.1)
+    thief = b'{"pid": 1, "host": "elsewhere", "started": "x"}'
+
+    def steal() -> None:
+        deadline = time.monotonic() + 20
+        while not bucket.exists("out.csv.lock") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        bucket.fs.pipe_file(f"{bucket.name}/out.csv.lock", thief)
+
+    with sandbox_factory(world_for(frame, write_rate=15), api_key=KEY) as sb:
+        threading.Thread(target=steal, daemon=True).start()
+        stopped = run_here([uri, "-o", bucket.uri("out.csv"), "--base-url", sb.base_url])
+        landed = sb.app.counters["writes_applied"]
+    assert stopped.exit_code == 3, stopped.output
+    assert "another run took over the lock" in stopped.output
+    assert "a rerun uploads it" in stopped.output
+    assert 0 < landed < 60
+    assert bucket.read("out.csv.lock") == thief  # the other run's lock is left alone
+    assert not bucket.exists("out.csv")  # and so is its output
+
+
+def test_a_failed_final_upload_keeps_the_journal_and_a_rerun_uploads(
+    bucket: Bucket,
+    sandbox_factory: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frame = corrections(20)
+    uri = bucket.put(write_local(frame, tmp_path / "in.csv"), "in.csv")
+    state = tmp_path / "state"
+    upload = Store.upload
+
+    def failing(self: Store, local: Path, target: ObjectUri) -> None:
+        if target.name == "out.parquet":
+            raise storage.StorageError(f"{target}: cannot write it (the store is down)")
+        upload(self, local, target)
+
+    with sandbox_factory(world_for(frame), api_key=KEY) as sb:
+        args = [uri, "-o", bucket.uri("out.parquet"), "--base-url", sb.base_url]
+        args += ["--state-dir", str(state)]
+        monkeypatch.setattr(Store, "upload", failing)
+        failed = run_here(args)
+        assert failed.exit_code == 3, failed.output
+        assert "the store is down" in failed.output
+        assert len(list(state.rglob("out.parquet.journal"))) == 1
+        assert not bucket.exists("out.parquet")
+        monkeypatch.setattr(Store, "upload", upload)
+        again = run_here(args)
+        assert sb.app.counters["writes_applied"] == 20
+    assert again.exit_code == 0, again.output
+    assert summary_of(again)["by_status"] == {"skipped": 20}
+    assert bucket.results("out.parquet", tmp_path)["status"].to_list() == ["skipped"] * 20
+    assert not list(state.rglob("*.journal"))
