@@ -517,6 +517,27 @@ def scratch_folder(root: Path | None = None) -> Iterator[Path]:
         yield Path(name)
 
 
+@contextlib.contextmanager
+def local_copies(
+    locations: list[Location], options: StorageOptions, root: Path | None = None
+) -> Iterator[list[Path]]:
+    """Local files for ``locations`` (``run --sandbox`` seeds its world from them): paths as
+    they are, objects downloaded to a scratch folder; one that cannot be read is left out (the
+    run itself says why)."""
+    if not any(isinstance(found, ObjectUri) for found in locations):
+        yield [found for found in locations if isinstance(found, Path)]
+        return
+    with scratch_folder(root) as folder:
+        paths = []
+        for index, found in enumerate(locations):
+            if isinstance(found, Path):
+                paths.append(found)
+                continue
+            with contextlib.suppress(AlloBatchError):
+                paths.append(download_input(found, options, folder / str(index)))
+        yield paths
+
+
 # -- the output lock ---------------------------------------------------------------------------
 
 

@@ -658,3 +658,12 @@ def test_a_failed_final_upload_keeps_the_journal_and_a_rerun_uploads(
     assert summary_of(again)["by_status"] == {"skipped": 20}
     assert bucket.results("out.parquet", tmp_path)["status"].to_list() == ["skipped"] * 20
     assert not list(state.rglob("*.journal"))
+
+
+def test_run_sandbox_seeds_its_world_from_an_input_in_a_bucket(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    uri = bucket.put(write_local(corrections(8), tmp_path / "in.parquet"), "in.parquet")
+    done = run_here([uri, "-o", bucket.uri("out.csv"), "--sandbox", "--sandbox-rate", "100"])
+    assert done.exit_code == 0, done.output
+    assert summary_of(done)["by_status"] == {"updated": 8}

@@ -70,7 +70,7 @@ def run(
     from allo_batch.config import parse_column_mapping
     from allo_batch.jobspec import RunRequest, configs_for
     from allo_batch.report import RunConsole
-    from allo_batch.storage import StorageOptions
+    from allo_batch.storage import StorageOptions, local_copies
 
     console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
     _STATE["log"].console = console
@@ -102,9 +102,16 @@ def run(
         configs = plan.configs
         with contextlib.ExitStack() as stack:
             if use_sandbox and configs:
+                seeds = stack.enter_context(  # an input in a store seeds the world too
+                    local_copies(
+                        [c.input for c in configs],
+                        configs[0].storage_options,
+                        configs[0].state_dir,
+                    )
+                )
                 url = stack.enter_context(
                     _embedded_sandbox(
-                        [c.input for c in configs if isinstance(c.input, Path)],
+                        seeds,
                         world_file=sandbox_world,
                         write_rate=sandbox_rate,
                         faults=sandbox_faults,
