@@ -1076,6 +1076,10 @@ class _Checkpoints:
                     self.mirror.delete(folder / name)
         self.mirror.put(self.output)
         self.mirror.put(sidecar_path(self.output))
+        if folder.is_dir():  # customer content: kept in the bucket, not left on this disk
+            for merged in folder.glob("*.parquet"):
+                if not merged.name.endswith(".chunk.parquet"):
+                    merged.unlink()
 
     def last_checkpoint(self) -> None:
         """At a run that failed to finish: what is settled, if the store takes it."""

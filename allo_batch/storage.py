@@ -374,8 +374,10 @@ class Store:
     def upload(self, local: Path, uri: ObjectUri) -> None:
         """Write ``local`` to the object whole: one PUT, or a multipart upload that appears
         only at its completion."""
+        # S3: one PUT up to 32 MB, else 16 MB parts two at a time (s3fs' defaults hold 100 MB).
+        sizes = {"chunksize": 16 << 20, "max_concurrency": 2} if self.conditional else {}
         try:
-            self.fs.put_file(str(local), self.path(uri))
+            self.fs.put_file(str(local), self.path(uri), **sizes)
         except Exception as exc:
             raise failure(exc, uri, "write it") from None
 
@@ -726,9 +728,14 @@ class RemoteOutput:
 
     def _pull(self) -> None:
         """The bucket's result file and sidecar replace the local ones (another machine may
-        have run since); without a result file in the bucket, what is here stays."""
+        have run since). Without a result file in the bucket, the local ones stay only beside a
+        journal (a run here that never uploaded); else they are gone from the bucket, so
+        from here too."""
         sidecar = self.local.with_name(self.local.name + ".run.json")
         if not self.store.exists(self.output):
+            if not self.local.with_name(self.local.name + ".journal").exists():
+                self.local.unlink(missing_ok=True)
+                sidecar.unlink(missing_ok=True)
             return
         self.store.download(self.output, self.local)
         if self.store.exists(self.remote(sidecar)):

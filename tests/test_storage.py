@@ -224,6 +224,7 @@ def test_input_and_results_in_a_bucket_then_a_rerun_elsewhere_sends_nothing(
         assert all(oct(p.stat().st_mode & 0o777) == "0o700" for p in (state, folders[0]))
         assert not list(folders[0].glob("*.journal"))
         assert not (folders[0] / "spool").exists()
+        assert not list((folders[0] / f"{result}.before").iterdir())  # content: in the bucket
         assert (folders[0] / "output.txt").read_text().strip() == output
         # Another machine (an empty state folder) resumes from the bucket: nothing to send.
         again = run_here([*args[:-1], str(tmp_path / "state-b")])
