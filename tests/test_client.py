@@ -1,4 +1,4 @@
-"""The API client and the pacer, with httpx.MockTransport and an injected clock."""
+"""The API client, with httpx.MockTransport (the pacer's tests are in test_ratelimit.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from allo_batch.client import AlloClient, Answer, clean_text, make_http_client
 from allo_batch.config import Secret
-from allo_batch.ratelimit import Pacer, WindowWatch
 
 KEY = "ak_live_s3cr3tK3y"
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -281,96 +280,6 @@ def test_a_v1_envelope_message_comes_from_its_details() -> None:
 def test_clean_text_strips_credentials_and_control_characters(text: str, cleaned: str) -> None:
     """The one cleaning rule every Answer message goes through."""
     assert clean_text(text, KEY) == cleaned
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_pacer_spaces_permits_evenly_without_an_initial_burst(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """At 5/s the permits come at 0, 0.2, 0.4 … seconds: no burst at the start."""
-    clock = FakeClock()
-    granted: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        clock.now += seconds
-
-    monkeypatch.setattr("allo_batch.ratelimit.anyio.sleep", fake_sleep)
-
-    async def go() -> None:
-        pacer = Pacer(5.0, clock=clock)
-        for _ in range(6):
-            await pacer.acquire()
-            granted.append(round(clock.now - 1000.0, 6))
-
-    anyio.run(go)
-    assert granted == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-
-
-def test_pause_and_slowdown(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pause holds the next permit back; a slowdown widens the spacing; it recovers."""
-    clock = FakeClock()
-
-    async def fake_sleep(seconds: float) -> None:
-        clock.now += seconds
-
-    monkeypatch.setattr("allo_batch.ratelimit.anyio.sleep", fake_sleep)
-
-    async def go() -> list[float]:
-        pacer = Pacer(10.0, clock=clock)
-        await pacer.acquire()
-        pacer.pause_for(2.0)
-        await pacer.acquire()
-        after_pause = clock.now - 1000.0
-        pacer.slow_down()
-        start = clock.now
-        await pacer.acquire()
-        return [after_pause, round(clock.now - start, 6), pacer.rate]
-
-    after_pause, gap, rate = anyio.run(go)
-    assert after_pause == pytest.approx(2.0)
-    assert gap == pytest.approx(0.1)  # the permit already scheduled keeps its slot
-    assert rate == pytest.approx(8.0)
-
-
-def test_window_watch_pauses_only_when_another_client_spent_the_window() -> None:
-    """Remaining 0 after our own 5th request of 5 is expected; after our 2nd it means sharing."""
-    clock = FakeClock()
-    pacer = Pacer(5.0, clock=clock)
-    watch = WindowWatch(pacer, wall=lambda: 1_800_000_000.3, monotonic=clock, jitter=lambda: 0.0)
-    for remaining in (4, 3, 2, 1, 0):
-        watch.observe(
-            sent_wall=1_800_000_000.2,
-            received_wall=1_800_000_000.3,
-            limit=5,
-            remaining=remaining,
-            reset=1_800_000_001,
-            date=1_800_000_000.0,
-        )
-    assert watch.foreign_pauses == 0
-    watch.observe(
-        sent_wall=1_800_000_001.2,
-        received_wall=1_800_000_001.3,
-        limit=5,
-        remaining=1,
-        reset=1_800_000_002,
-        date=1_800_000_001.0,
-    )
-    watch.observe(
-        sent_wall=1_800_000_001.2,
-        received_wall=1_800_000_001.3,
-        limit=5,
-        remaining=0,
-        reset=1_800_000_002,
-        date=1_800_000_001.0,
-    )
-    assert watch.foreign_pauses == 1
 
 
 def test_each_worker_has_its_own_single_connection_pool() -> None:
