@@ -392,8 +392,9 @@ async def _connected(
     sending: _Sending,
 ) -> None:
     """Everything that talks to the API: /me, the look stage's reads, the writes."""
+    from allo_batch.budget import SharedBudget, budget_key_id
     from allo_batch.client import AlloClient, http_lanes, make_http_client
-    from allo_batch.ratelimit import Pacer, WindowWatch
+    from allo_batch.ratelimit import WindowWatch
     from allo_batch.send import Sender
 
     assert config.api_key is not None
@@ -413,7 +414,9 @@ async def _connected(
     ) as lanes:
         auth = probe.auth_form or config.auth
         client = AlloClient(lanes, config.base_url, config.api_key, auth=auth)
-        pacer = Pacer(checked.rate / (1.0 + config.jitter_margin))
+        # One budget per key: every run on this machine using the key shares it (DESIGN §5).
+        key_id = budget_key_id(config.base_url, config.api_key.reveal())
+        pacer = SharedBudget(key_id, checked.rate, jitter=config.jitter_margin)
         facts = CallFacts(set(prepared.two_templates), set())
         reported = _Reported(recorder, facts, verify=config.verify and reading)
         sender = Sender(
@@ -444,9 +447,12 @@ async def _connected(
                 failed=lambda why: sender.stop(ApiUnavailableError(why)),
             )
             sending.looker = looker
-        await _flow(config, prepared, recorder, reporter, sender, looker, workers)
-        if looker is not None and reported.landed and not sender.stopping:
-            sending.verify = await _verify(looker, reported.landed)
+        try:
+            await _flow(config, prepared, recorder, reporter, sender, looker, workers)
+            if looker is not None and reported.landed and not sender.stopping:
+                sending.verify = await _verify(looker, reported.landed)
+        finally:
+            pacer.close()
         if looker is not None and before is not None:
             before.compact()
 
@@ -802,8 +808,8 @@ def preview_input(
 
 
 async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -> Preview:
+    from allo_batch.budget import SharedBudget, budget_key_id
     from allo_batch.client import AlloClient, make_http_client
-    from allo_batch.ratelimit import Pacer
     from allo_batch.send import Sender
 
     output_format(output)
@@ -825,9 +831,14 @@ async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -
         checked = await _preflight(client, config, needs=(READ_SCOPE,))
         if checked.refusal is not None:
             raise checked.refusal
+        budget = SharedBudget(
+            budget_key_id(config.base_url, config.api_key.reveal()),
+            checked.rate,
+            jitter=config.jitter_margin,
+        )
         sender = Sender(
             client,
-            Pacer(checked.rate / (1.0 + config.jitter_margin)),
+            budget,
             _NoOutcomes(),
             policy=config.retry,
         )
@@ -848,6 +859,8 @@ async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -
         except BaseException:
             writer.abandon()
             raise
+        finally:
+            budget.close()
         if sender.stop_error is not None:
             writer.abandon()
             raise sender.stop_error
