@@ -83,7 +83,7 @@ def test_undo_restores_what_nobody_touched_and_reports_the_rest_as_conflicts(
             edit(sandbox, call_id, "edited by a human", persona)
         # Under read_lag > 0 a read made now still shows the targets as they were before the
         # run: the undo would find each one already holding its before-image ("unchanged",
-        # exit 0) and put nothing back (see docs/api-choices.md). Its reads are trusted only
+        # exit 0) and put nothing back (see the README, "Choices where the API docs are silent"). Its reads are trusted only
         # once they show the writes, so wait read_lag plus a margin; the same before undoing
         # the undo.
         wait_for_reads_to_show_the_writes(persona)
