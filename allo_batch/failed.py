@@ -25,8 +25,8 @@ from allo_batch.record import read_results, read_sidecar
 if TYPE_CHECKING:
     import polars as pl
 
-#: Statuses a rerun cannot fix without an edit.
-NEEDS_HUMAN: Final = ("invalid", "failed")
+#: Statuses a rerun cannot fix without an edit, or a decision (a target changed since).
+NEEDS_HUMAN: Final = ("invalid", "failed", "conflict")
 #: The result columns a listing shows, in this order.
 LISTED: Final = (
     "row",

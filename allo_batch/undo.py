@@ -110,26 +110,22 @@ def _written_targets(frame: pl.DataFrame) -> pl.DataFrame:
     landed = (pl.col("status") == "updated") | (
         (pl.col("status") == "skipped") & carried.fill_null(False)
     )
-    return (
-        frame.filter(landed & pl.col("call_id").is_not_null())
-        .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
-        .unique(subset=["call_id", "_target"], keep="last", maintain_order=True)
-        .select(
-            "row",
-            "call_id",
-            "template_key",
-            "_target",
-            pl.col("content_sha256").alias("written_sha256"),
-        )
-    )
+    return _targets(frame, landed)
 
 
 def _unchanged_targets(frame: pl.DataFrame) -> pl.DataFrame:
     """Targets a run found already holding their content, in :func:`_written_targets`' form."""
     import polars as pl
 
+    return _targets(frame, pl.col("status") == "unchanged")
+
+
+def _targets(frame: pl.DataFrame, which: pl.Expr) -> pl.DataFrame:
+    """The last row of each target among the rows ``which`` selects, with its content hash."""
+    import polars as pl
+
     return (
-        frame.filter((pl.col("status") == "unchanged") & pl.col("call_id").is_not_null())
+        frame.filter(which & pl.col("call_id").is_not_null())
         .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
         .unique(subset=["call_id", "_target"], keep="last", maintain_order=True)
         .select(
