@@ -82,10 +82,9 @@ def test_undo_restores_what_nobody_touched_and_reports_the_rest_as_conflicts(
         for call_id in sorted(edited):
             edit(sandbox, call_id, "edited by a human", persona)
         # Under read_lag > 0 a read made now still shows the targets as they were before the
-        # run: the undo would find each one already holding its before-image ("unchanged",
-        # exit 0) and put nothing back (see the README, "Choices where the API docs are silent"). Its reads are trusted only
-        # once they show the writes, so wait read_lag plus a margin; the same before undoing
-        # the undo.
+        # run, the human edits included: the conflicts could not be told apart yet. Wait
+        # read_lag plus a margin (an undo right after a run still restores: see
+        # test_an_undo_right_after_a_run_restores_even_when_reads_lag).
         wait_for_reads_to_show_the_writes(persona)
         patches = sandbox.state()["counters"]["patch"]
         preview = invoke(["undo", str(results), "--base-url", url, "--dry-run", "--json"])
