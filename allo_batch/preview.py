@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import html
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -108,11 +109,19 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1f2328}
 h1{font-size:20px}h2{font-size:15px;margin:28px 0 6px}
 table.diff{border-collapse:collapse;width:100%;font:12px/1.35 ui-monospace,monospace}
 table.diff td{padding:1px 6px;vertical-align:top;white-space:pre-wrap;word-break:break-word}
-.diff_header{background:#f6f8fa;color:#57606a;text-align:right}
-td.diff_next{display:none}
+table.diff td:nth-child(2),table.diff td:nth-child(4){width:50%}
+td.diff_header{background:#f6f8fa;color:#57606a;text-align:right;width:2.5em}
+th.diff_header{background:#f6f8fa;color:#57606a;text-align:left;padding:2px 6px}
 .diff_add{background:#dafbe1}.diff_chg{background:#fff8c5}.diff_sub{background:#ffebe9}
 .counts td{padding:2px 12px 2px 0}
 """
+
+
+# difflib's navigation columns ("next change" links) and their empty column groups: a page of
+# many small diffs reads better without them.
+_NEXT_LINKS: Final = re.compile(
+    r'<t[dh] class="diff_next"[^>]*>.*?</t[dh]>|<colgroup></colgroup>', re.DOTALL
+)
 
 
 def html_page(preview: Preview) -> str:
@@ -134,15 +143,10 @@ def html_page(preview: Preview) -> str:
         parts.append(f"<p>The first {len(preview.shown)} changed rows:</p>")
     for change in preview.shown:
         parts.append(f"<h2>{html.escape(change.title)}</h2>")
-        parts.append(
-            maker.make_table(
-                change.before.splitlines(),
-                change.after.splitlines(),
-                "now",
-                "after the run",
-                context=False,
-            )
+        table = maker.make_table(
+            change.before.splitlines(), change.after.splitlines(), "now", "after the run"
         )
+        parts.append(_NEXT_LINKS.sub("", table))
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -8,11 +8,16 @@ Test modules import from here, never from each other or from ``conftest`` (which
 from __future__ import annotations
 
 import hashlib
+import struct
+import subprocess
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 from anyio.from_thread import start_blocking_portal
 from click.testing import CliRunner, Result
 
@@ -130,3 +135,48 @@ def check_landed_once(sandbox: RunningSandbox, frame: pl.DataFrame) -> None:
         summary = landed[(call_id, template)]
         assert summary["writes"] == 1
         assert summary["content_sha256"] == sha(content)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def screenshot(page: Path, png: Path, profile: Path, size: tuple[int, int] = (1200, 1600)) -> None:
+    """Open ``page`` in headless Chromium (no network) and save a screenshot; skip the test
+    when Debian's chromium is not installed."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size={size[0]},{size[1]}",
+            page.as_uri(),
+        ],
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
+    assert png.exists(), "chromium wrote no screenshot"
+
+
+def png_facts(data: bytes) -> tuple[int, int, int]:
+    """Width, height and the number of distinct byte values of the decoded pixel rows."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    position, idat = 8, b""
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        if kind == b"IDAT":
+            idat += data[position + 8 : position + 8 + length]
+        position += 12 + length
+    return width, height, len(set(zlib.decompress(idat)))
