@@ -162,3 +162,4 @@ class InputCheck:
     repeats: int = 0
     codes: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    lines: dict[int, int] = field(default_factory=dict)  # row → the line it starts on

@@ -31,6 +31,7 @@ from allo_batch.constants import (
     READ_SCOPE,
     WRITE_SCOPE,
 )
+from allo_batch.corrections import line_numbers
 from allo_batch.errors import (
     AlloBatchError,
     ApiUnavailableError,
@@ -781,18 +782,24 @@ def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck
         config.input, config.format, config.columns, storage=config.storage_options, spool=spool
     )
     found = InputCheck(cast(Path, config.input))  # an object shows its URI
+    wanted: dict[int, str | None] = {}
     _identity, duplicates = survey(source, config.batch_size)
     for batch in iter_batches(source, config.batch_size):
         checked = validate_batch(batch, duplicates)
         found.rows += checked.height
         found.repeats += int(checked[REPEAT_OF].is_not_null().sum())
-        invalid = checked.filter(checked[CODE].is_not_null()).select("row", CODE, MESSAGE)
-        for row, code, message in invalid.iter_rows():
+        invalid = checked.filter(checked[CODE].is_not_null()).select(
+            "row", "call_id", CODE, MESSAGE
+        )
+        for row, call_id, code, message in invalid.iter_rows():
             found.codes[code] = found.codes.get(code, 0) + 1
             shown = found.examples.setdefault(code, [])
             if len(shown) < show:
                 shown.append((row, message))
+                wanted[row] = call_id
     found.invalid = sum(found.codes.values())
+    # People look for a line in the file, not a record number: where each shown row starts.
+    found.lines = line_numbers(source, wanted)
     return found
 
 

@@ -302,7 +302,7 @@ def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
 
 def format_input_check(found: InputCheck) -> str:
     """The ``validate`` report: counts, then each error code with a few example rows
-    (numbered like the result file: 0-based records)."""
+    (numbered like the result file, 0-based, with the line each starts on in the file)."""
     valid = found.rows - found.invalid
     lines = [
         f"{found.path}: {found.rows} rows, {valid} valid, {found.invalid} invalid"
@@ -310,8 +310,14 @@ def format_input_check(found: InputCheck) -> str:
     ]
     for code, count in sorted(found.codes.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {code}: {count}")
-        lines.extend(f"    row {row}: {text}" for row, text in found.examples[code])
+        lines.extend(f"    {_where(row, found)}: {text}" for row, text in found.examples[code])
     return "\n".join(lines)
+
+
+def _where(row: int, found: InputCheck) -> str:
+    """A row as people find it: its line in the file when known, else its record number."""
+    line = found.lines.get(row)
+    return f"row {row} (line {line})" if line else f"row {row} (record {row + 1})"
 
 
 def summary_json(summary: RunSummary) -> str:

@@ -111,14 +111,15 @@ class TestUsageErrors:
         )
 
     def test_validate_command_reports_and_exits_1(self, tmp_path: Path) -> None:
-        """validate prints counts per code with row numbers and exits 1 on invalid rows."""
+        """validate prints counts per code with row and line numbers and exits 1 on invalid
+        rows (line 3 is row 1: the header is line 1)."""
         path = tmp_path / "x.csv"
         path.write_text("call_id,content\ncll-1,a\nmsg-2,b\ncll-3,\n")
         result = run_cli("validate", str(path))
         assert result.exit_code == 1
         assert "3 rows, 1 valid, 2 invalid" in result.output
-        assert "row 1: column call_id: 'msg-2' is not a call id" in result.output
-        assert "row 2: column content: missing or blank" in result.output
+        assert "row 1 (line 3): column call_id: 'msg-2' is not a call id" in result.output
+        assert "row 2 (line 4): column content: missing or blank" in result.output
 
     def test_unreadable_parquet_is_exit_2(self, tmp_path: Path) -> None:
         """A file that is not Parquet is named with the reason."""
