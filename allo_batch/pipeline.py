@@ -597,14 +597,19 @@ class _Preflight:
 
 
 async def _preflight(
-    client: AlloClient, config: JobConfig, needs: tuple[str, ...] | None = None
+    client: AlloClient,
+    config: JobConfig,
+    needs: tuple[str, ...] | None = None,
+    *,
+    interactive: bool = False,
 ) -> _Preflight:
     """Ask ``/me`` for the key's write limit and scopes (``needs``: by default the write
     scope, and the read scope unless blind) before sending anything."""
     answer = await client.me()
     fallback = config.rate or float(DEFAULT_WRITE_PER_SECOND)
-    if answer.kind == "transport" and config.dry_run:
-        # A dry run reads only to count changes: an unreachable API is no reason to wait.
+    if answer.kind == "transport" and (config.dry_run or interactive):
+        # A dry run reads only to count changes, and a person waits for `diff`: an unreachable
+        # API is no reason to wait out --max-outage.
         reason = f"cannot reach {config.base_url} ({answer.error_code})"
         return _Preflight(fallback, ApiUnavailableError(reason))
     if answer.http_status in (401, 403):
@@ -835,7 +840,7 @@ async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -
     writer = OrderedResults(output, preview_schema())
     async with make_http_client(timeout=config.timeout, transport=transport) as http:
         client = AlloClient(http, config.base_url, config.api_key, auth=config.auth)
-        checked = await _preflight(client, config, needs=(READ_SCOPE,))
+        checked = await _preflight(client, config, needs=(READ_SCOPE,), interactive=True)
         if checked.refusal is not None:
             raise checked.refusal
         budget = SharedBudget(

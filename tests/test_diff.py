@@ -86,3 +86,12 @@ def test_diff_html_is_self_contained_private_escaped_and_renders(
     width, height, colours = png_facts(png.read_bytes())
     assert (width, height) == (1200, 900)
     assert colours > 20
+
+
+def test_diff_against_an_unreachable_api_says_so_at_once(tmp_path: Path) -> None:
+    """A person waits for `diff`: nothing listening means exit 3 in one line, not a wait of
+    --max-outage."""
+    source, _world = setup(tmp_path)
+    result = invoke(["diff", str(source), "--base-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 3
+    assert result.stderr.strip() == "allo-batch: cannot reach http://127.0.0.1:9 (CONNECTION_ERROR)"
