@@ -136,9 +136,16 @@ class Sandbox:
 
 @contextmanager
 def sandbox(
-    from_input: Path, *, write_rate: int, faults: str | None = None, seed: int = 0
+    from_input: Path,
+    *,
+    write_rate: int,
+    read_rate: int | None = None,
+    world: Path | None = None,
+    faults: str | None = None,
+    seed: int = 0,
 ) -> Iterator[Sandbox]:
-    """``allo-batch sandbox`` on a free loopback port, seeded from the input."""
+    """``allo-batch sandbox`` on a free loopback port, seeded from the input (and ``world``, a
+    world JSON file, e.g. with extra keys)."""
     args = allo_batch(
         "sandbox",
         "--port",
@@ -154,6 +161,10 @@ def sandbox(
     )
     if faults:
         args += ["--faults", faults]
+    if read_rate is not None:
+        args += ["--read-rate", str(read_rate)]
+    if world is not None:
+        args += ["--world", str(world)]
     process = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -164,7 +175,7 @@ def sandbox(
     )
     try:
         assert process.stdout is not None
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         url = None
         while url is None and time.monotonic() < deadline:
             line = process.stdout.readline()
