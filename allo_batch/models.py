@@ -6,7 +6,10 @@ import hashlib
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+if TYPE_CHECKING:
+    import polars as pl
 
 Status = Literal["updated", "unchanged", "skipped", "conflict", "invalid", "failed", "not_sent"]
 STATUSES: Final[tuple[Status, ...]] = (
@@ -30,6 +33,25 @@ MESSAGE: Final = "message"
 REPEAT_OF: Final = "repeat_of"
 # A row without ``template_key`` addresses the call's only summary; keys use this in its place.
 NO_TEMPLATE: Final = ""
+
+#: The done index's key: two 64-bit hashes of ``(call_id, template_key, content_sha256)``,
+#: 16 bytes a row where the strings took about 130 (a collision of 128 bits is not a concern).
+DONE_KEYS: Final = ("_done_k1", "_done_k2")
+
+
+def done_keys() -> list[pl.Expr]:
+    """The done index's key of each row of a frame with ``call_id``, ``template_key`` (null for
+    none) and ``content_sha256``; the planner computes the same for each batch."""
+    import polars as pl
+
+    content = pl.concat_str(
+        pl.col("call_id").fill_null(""),
+        pl.col("template_key").fill_null(NO_TEMPLATE),
+        pl.col("content_sha256").fill_null(""),
+        separator="\x1f",
+    )
+    return [content.hash(seed=11).alias(DONE_KEYS[0]), content.hash(seed=29).alias(DONE_KEYS[1])]
+
 
 # Local codes (DESIGN §4) beside the API's own.
 DUPLICATE_ROW: Final = "DUPLICATE_ROW"

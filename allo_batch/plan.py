@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Final
 
 from allo_batch.models import (
     CODE,
+    DONE_KEYS,
     MESSAGE,
-    NO_TEMPLATE,
     REPEAT_OF,
     PlannedRequest,
     RowResult,
     content_sha256,
+    done_keys,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +39,11 @@ def request_body(content: str, template_key: str | None) -> bytes:
 
 
 def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
-    """Add the content hash and, where this exact content already landed, its version."""
+    """Add the content hash and, where this exact content already landed, its version.
+
+    ``done`` is keyed by ``DONE_KEYS`` (``record.done_keys`` of the landed rows), so a batch
+    computes the same key for its rows and joins on it.
+    """
     import polars as pl
 
     hashed = batch.with_columns(
@@ -51,23 +56,22 @@ def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
             pl.lit(None, pl.String).alias("done_updated_at"),
             pl.lit(None, pl.String).alias("done_request_id"),
         )
+    keys = list(DONE_KEYS)
     return (
-        hashed.with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
+        hashed.with_columns(done_keys())
         .join(
             done.select(
-                pl.col("call_id"),
-                pl.col("template_key").alias("_target"),
-                pl.col("content_sha256"),
+                *keys,
                 pl.col("version").alias("done_version"),
                 pl.col("updated_at").alias("done_updated_at"),
                 pl.col("request_id").alias("done_request_id"),
                 pl.lit(True).alias("done"),
             ),
-            on=["call_id", "_target", "content_sha256"],
+            on=keys,
             how="left",
             maintain_order="left",
         )
-        .drop("_target")
+        .drop(keys)
         .with_columns(pl.col("done").fill_null(False))
     )
 

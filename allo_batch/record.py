@@ -38,10 +38,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 from allo_batch.errors import AlloBatchError, UsageError
 from allo_batch.models import (
     DEFERRED_REASONS,
+    DONE_KEYS,
     NO_TEMPLATE,
     PlannedRequest,
     RowResult,
     RunSummary,
+    done_keys,
 )
 
 if TYPE_CHECKING:
@@ -241,65 +243,90 @@ class Earlier:
 
 
 def load_earlier(output: Path) -> Earlier:
-    """Read the result file, its sidecar and the journal left beside ``output``."""
+    """Read the result file, its sidecar and the journal left beside ``output``.
+
+    The result file is scanned, never held whole: a rerun of a million-row job keeps only the
+    compact done index (see :func:`done_keys`), not the earlier rows.
+    """
     import polars as pl
 
     facts = read_journal(journal_path(output))
-    previous = read_results(output) if output.exists() else None
-    done = _done_index(previous, facts)
+    previous = scan_results(output) if output.exists() else None
     key_columns = ["call_id", "template_key", "content_sha256"]
     doubtful = [
         pl.DataFrame(facts.in_doubt, schema={c: pl.String for c in key_columns}, orient="row")
     ]
+    two: set[str] = set()
     if previous is not None:
         # A clean stop records requests cut off in flight as not_sent with attempts > 0.
         cut_off = previous.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
-        doubtful.append(
-            cut_off.select(
-                "call_id", pl.col("template_key").fill_null(NO_TEMPLATE), "content_sha256"
-            )
-        )
+        doubtful.append(cut_off.select(key_columns).collect())
+        refused = previous.filter(pl.col("error_code") == "SUMMARY_TEMPLATE_KEY_REQUIRED")
+        two = set(refused.select("call_id").collect()["call_id"].drop_nulls().to_list())
+    done = _done_index(previous, facts)
     # In doubt: sent without an answer, and not landed by any later request.
     in_doubt = (
         pl.concat(doubtful)
         .unique()
-        .join(done.select(key_columns), on=key_columns, how="anti")
+        .select(done_keys())
+        .join(done.select(DONE_KEYS), on=list(DONE_KEYS), how="anti")
         .height
     )
     inputs = list(facts.inputs)
     sidecar = read_sidecar(output) if previous is not None else {}
     if isinstance(sidecar.get("input"), dict):
         inputs.insert(0, sidecar["input"])
-    two = set()
-    if previous is not None:
-        refused = previous.filter(pl.col("error_code") == "SUMMARY_TEMPLATE_KEY_REQUIRED")
-        two = set(refused["call_id"].drop_nulls().to_list())
     return Earlier(done, in_doubt, inputs, facts.torn_lines, two)
 
 
-def _done_index(previous: pl.DataFrame | None, journal: JournalFacts) -> pl.DataFrame:
-    """Latest landed content per ``(call_id, template_key)`` from the result file and journal."""
+def _target_key() -> pl.Expr:
+    import polars as pl
+
+    target = pl.concat_str(
+        pl.col("call_id").fill_null(""),
+        pl.col("template_key").fill_null(NO_TEMPLATE),
+        separator="\x1f",
+    )
+    return target.hash(seed=7).alias("_target")
+
+
+def _done_index(previous: pl.LazyFrame | None, journal: JournalFacts) -> pl.DataFrame:
+    """Latest landed content per ``(call_id, template_key)`` from the result file and journal:
+    its key (:data:`DONE_KEYS`), ``version``, ``updated_at`` and ``request_id``.
+
+    Per target only the latest landed content counts: a row asking for content that landed
+    before another edit did must be sent again. (A 64-bit collision of two targets would only
+    make a row be resent, never skipped.)
+    """
     import polars as pl
 
     columns = ["call_id", "template_key", "content_sha256", "version", "updated_at", "request_id"]
     schema = {k: v for k, v in result_schema().items() if k in columns}
-    parts: list[pl.DataFrame] = []
+    parts: list[pl.LazyFrame] = []
     if previous is not None:
         # Landed: written, found already right, or carried over from a run that did either.
         carried = pl.col("version").is_not_null() | (pl.col("reason") == "landed_earlier")
         landed = pl.col("status").is_in(["updated", "unchanged"]) | (
             (pl.col("status") == "skipped") & carried.fill_null(False)
         )
-        parts.append(previous.lazy().filter(landed).select(columns).collect())
+        parts.append(previous.filter(landed).select(columns))
     if journal.updated:
-        parts.append(pl.DataFrame(journal.updated, schema=schema).select(columns))
+        parts.append(pl.DataFrame(journal.updated, schema=schema).select(columns).lazy())
+    kept = [*DONE_KEYS, "version", "updated_at", "request_id"]
     if not parts:
-        return pl.DataFrame(schema={**schema, "template_key": pl.String})
+        empty = {k: pl.UInt64 for k in DONE_KEYS} | {
+            "version": pl.Int64,
+            "updated_at": pl.String,
+            "request_id": pl.String,
+        }
+        return pl.DataFrame(schema=empty)
     # Later parts and later lines win: the journal is newer than the result file.
     return (
         pl.concat(parts)
-        .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE))
-        .unique(subset=["call_id", "template_key"], keep="last", maintain_order=True)
+        .select(_target_key(), *done_keys(), "version", "updated_at", "request_id")
+        .unique(subset=["_target"], keep="last", maintain_order=True)
+        .select(kept)
+        .collect()
     )
 
 
@@ -335,6 +362,42 @@ def read_results(path: Path) -> pl.DataFrame:
     except (OSError, pl.exceptions.PolarsError) as exc:
         msg = f"{path}: cannot read the earlier result file: {str(exc).splitlines()[0][:200]}"
         raise UsageError(msg) from exc
+
+
+def scan_results(path: Path) -> pl.LazyFrame:
+    """A result file as a lazy frame with the result schema (for scans that keep only a few
+    columns or rows); see :func:`read_results`."""
+    import polars as pl
+
+    fmt = output_format(path)
+    try:
+        if path.stat().st_size == 0:
+            return pl.LazyFrame(schema=result_schema())
+        if fmt == "parquet":
+            frame = pl.scan_parquet(path)
+        elif fmt == "csv":
+            frame = pl.scan_csv(path, infer_schema=False, raise_if_empty=False)
+        else:
+            frame = pl.scan_ndjson(path, infer_schema_length=None)
+        names = frame.collect_schema()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        msg = f"{path}: cannot read the earlier result file: {str(exc).splitlines()[0][:200]}"
+        raise UsageError(msg) from exc
+    if "status" not in names:
+        msg = f"{path}: cannot read the earlier result file: not a result file"
+        raise UsageError(msg)
+    return frame.select(_conformed(name, dtype, names) for name, dtype in result_schema().items())
+
+
+def _conformed(name: str, dtype: Any, found: Any) -> pl.Expr:
+    """One result column from whatever the file gave (absent in older files: null)."""
+    import polars as pl
+
+    if name not in found:
+        return pl.lit(None, dtype).alias(name)
+    if dtype == pl.Boolean and found[name] == pl.String:
+        return (pl.col(name).str.to_lowercase() == "true").alias(name)
+    return pl.col(name).cast(dtype).alias(name)
 
 
 def _conform(frame: pl.DataFrame, schema: dict[str, Any]) -> pl.DataFrame:

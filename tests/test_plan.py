@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 
-from allo_batch.models import PlannedRequest, RowResult, content_sha256
+from allo_batch.models import PlannedRequest, RowResult, content_sha256, done_keys
 from allo_batch.plan import attach_done, plan_batch, request_body
 from allo_batch.validate import duplicates_in, validate_batch
 
@@ -34,7 +34,9 @@ def planned(
     limit: int | None = None,
 ) -> list[RowResult | PlannedRequest]:
     checked = validate_batch(frame, duplicates_in(frame))
-    landed = done if done is not None else pl.DataFrame(schema=DONE_SCHEMA)
+    landed = (done if done is not None else pl.DataFrame(schema=DONE_SCHEMA)).select(
+        *done_keys(), "version", "updated_at", "request_id"
+    )
     return list(plan_batch(attach_done(checked, landed), limit=limit))
 
 
