@@ -185,12 +185,8 @@ class Looked:
     def unchanged(self) -> RowResult:
         """The row's result when nothing needs writing."""
         request = self.request
-        return RowResult(
-            row=request.row,
-            call_id=request.call_id,
-            template_key=request.template_key,
-            status="unchanged",
-            content_sha256=request.content_sha256,
+        return request.result(
+            "unchanged",
             message="the target already holds this content; not written",
             reason="already_right",
         )
@@ -198,12 +194,8 @@ class Looked:
     def conflict(self, expected: str) -> RowResult:
         """The target no longer holds what it was expected to (an undo after an edit)."""
         request = self.request
-        return RowResult(
-            row=request.row,
-            call_id=request.call_id,
-            template_key=request.template_key,
-            status="conflict",
-            content_sha256=request.content_sha256,
+        return request.result(
+            "conflict",
             message=(
                 "the target changed since the run wrote it "
                 f"({'now ' + (self.current.sha256 or 'empty')[:12]} vs {expected[:12]}); "
@@ -359,12 +351,8 @@ _DRY_MESSAGES: Final = {
 
 def dry_run_result(request: PlannedRequest, change: str | None = None) -> RowResult:
     """What a dry run records for a row it would send (``change``: what a read showed)."""
-    return RowResult(
-        row=request.row,
-        call_id=request.call_id,
-        template_key=request.template_key,
-        status="not_sent",
-        content_sha256=request.content_sha256,
+    return request.result(
+        "not_sent",
         retryable=True,
         message=_DRY_MESSAGES.get(change or "", "dry run: would be sent"),
         reason="dry_run",

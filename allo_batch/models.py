@@ -109,6 +109,17 @@ class PlannedRequest:
     #: Write only if the target holds content of this hash (``undo``: what the run wrote).
     expected_sha256: str | None = None
 
+    def result(self, status: Status, **fields: Any) -> RowResult:
+        """This row's outcome: its identity and content hash, plus ``fields``."""
+        return RowResult(
+            row=self.row,
+            call_id=self.call_id,
+            template_key=self.template_key,
+            status=status,
+            content_sha256=self.content_sha256,
+            **fields,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RowResult:

@@ -413,12 +413,8 @@ def _result(
     request: PlannedRequest, attempts: int, answer: Answer, *, retryable: bool | None = None
 ) -> RowResult:
     landed = answer.kind == "ok"
-    return RowResult(
-        row=request.row,
-        call_id=request.call_id,
-        template_key=request.template_key,
-        status="updated" if landed else "failed",
-        content_sha256=request.content_sha256,
+    return request.result(
+        "updated" if landed else "failed",
         error_code=answer.error_code,
         retryable=answer.retryable if retryable is None else retryable,
         http_status=answer.http_status,
@@ -439,12 +435,8 @@ def not_sent(
     reason: Reason = "stopped",
 ) -> RowResult:
     """A row the run did not (or not surely) deliver; a rerun sends it."""
-    return RowResult(
-        row=request.row,
-        call_id=request.call_id,
-        template_key=request.template_key,
-        status="not_sent",
-        content_sha256=request.content_sha256,
+    return request.result(
+        "not_sent",
         error_code=last.error_code if last else None,
         retryable=True,
         http_status=last.http_status if last else None,
