@@ -18,7 +18,7 @@ port with the same key gets a budget of its own. When the state cannot be opened
 run goes on with a budget of its own and says so once in the log.
 
 The state is a fixed-size binary record, read and written whole with ``pread``/``pwrite``
-(about 1.5 KB, microseconds per transaction). No fsync: on a crash the state is lost, which
+(about 3.5 KB, microseconds per transaction). No fsync: on a crash the state is lost, which
 only means relearning the windows for a second.
 """
 
@@ -28,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -47,9 +48,11 @@ import anyio
 from allo_batch.ratelimit import (
     HISTOGRAM_BUCKETS,
     KEPT_WINDOWS,
+    RECENT_GRANTS,
     BudgetState,
     Histogram,
     Pacer,
+    RecentGrants,
     Sleep,
     Store,
     WindowCount,
@@ -59,12 +62,16 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _KEY_ID = re.compile(r"[0-9a-f]{16,64}")
-_MAGIC = b"allobgt4"
-_CORE = struct.Struct("<8sddddBdiiddddddddd q")
+_MAGIC = b"allobgt5"
+_CORE = struct.Struct("<8sddddBdiiddddddddd qi")
 _WINDOW = struct.Struct("<qiiiiB")
 _HISTOGRAM = array("I").itemsize * HISTOGRAM_BUCKETS  # the counts, in this machine's byte order
-_SIZE = _CORE.size + KEPT_WINDOWS * _WINDOW.size + _HISTOGRAM
-_LOCK_WAIT = 0.02  # a holder keeps the lock for microseconds; longer means it is stopped
+_RECENT = array("d").itemsize * RECENT_GRANTS  # the last permit times, padded with zeros
+_SIZE = _CORE.size + KEPT_WINDOWS * _WINDOW.size + _HISTOGRAM + _RECENT
+_HISTOGRAM_AT = _CORE.size + KEPT_WINDOWS * _WINDOW.size
+_RECENT_AT = _HISTOGRAM_AT + _HISTOGRAM
+_LOCK_WAIT = 0.5  # a holder keeps the lock for microseconds; this long means it is stopped
+_WEDGED_FOR = 5.0  # ... and the lock is not waited for again this long, unless it comes free
 
 
 class BudgetStateError(OSError):
@@ -99,6 +106,7 @@ class FileStore:
         finally:
             os.close(folder)
         self.contended = 0
+        self._wedged_until = 0.0
         self._state: BudgetState | None = None
         self._written = b""
         self._finalizer = weakref.finalize(self, os.close, self._fd)
@@ -131,18 +139,29 @@ class FileStore:
         self._finalizer()
 
     def _lock(self) -> bool:
-        """Take the lock, waiting at most 20 ms: a holder stopped by a debugger or SIGSTOP must
-        not stop every run on the key, so past that this transaction goes on unlocked."""
-        deadline = time.monotonic() + _LOCK_WAIT
+        """Take the lock. A holder keeps it for microseconds, but one that the OS or its own
+        interpreter deschedules keeps it for tens of milliseconds on a loaded machine, and a
+        transaction that went on without the lock then would undo the holder's (two permits
+        allotted one slot: a 429). So wait up to half a second. Only a holder stopped by a
+        debugger or SIGSTOP keeps it longer; it must not stop every run on the key, so past
+        that this transaction goes on unlocked, and so do the next ones without waiting, until
+        the lock is free again."""
+        now = time.monotonic()
+        deadline = now + (0.0 if now < self._wedged_until else _LOCK_WAIT)
+        pause = 0.0001
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     self.contended += 1
+                    self._wedged_until = max(self._wedged_until, now + _WEDGED_FOR)
                     return False
-                time.sleep(0.0002)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
             else:
+                self._wedged_until = 0.0
                 return True
 
 
@@ -219,6 +238,7 @@ def encode(state: BudgetState) -> bytes:
         state.spread,
         state.seen,
         state.histogram.head,
+        len(state.recent.times),
     )
     kept = sorted(state.windows.items())[-KEPT_WINDOWS:]
     slots = [
@@ -227,7 +247,8 @@ def encode(state: BudgetState) -> bytes:
     ]
     slots += [(0, 0, 0, 0, 0, False)] * (KEPT_WINDOWS - len(slots))
     windows = b"".join(_WINDOW.pack(*slot) for slot in slots)
-    return core + windows + state.histogram.counts.tobytes()
+    recent = state.recent.times.tobytes().ljust(_RECENT, b"\0")
+    return core + windows + state.histogram.counts.tobytes() + recent
 
 
 def decode(data: bytes) -> BudgetState | None:
@@ -253,7 +274,8 @@ def decode(data: bytes) -> BudgetState | None:
         others_at=values[15],
         spread=values[16],
         seen=values[17],
-        histogram=Histogram(values[18], array("I", data[_SIZE - _HISTOGRAM :])),
+        histogram=Histogram(values[18], array("I", data[_HISTOGRAM_AT:_RECENT_AT])),
+        recent=_recent(data, values[19]),
     )
     for slot in range(KEPT_WINDOWS):
         window, used, answered, low, foreign, complete = _WINDOW.unpack_from(
@@ -267,6 +289,15 @@ def decode(data: bytes) -> BudgetState | None:
     if not all(math.isfinite(x) for x in (state.factor, state.tat, state.paused_until)):
         return None
     return state
+
+
+def _recent(data: bytes, kept: int) -> RecentGrants:
+    times = array("d", data[_RECENT_AT:])
+    del times[min(max(kept, 0), RECENT_GRANTS) :]
+    in_order = all(a <= b for a, b in itertools.pairwise(times))
+    if not in_order or not all(math.isfinite(t) for t in times):
+        return RecentGrants()  # a damaged record: forget the permits rather than misread them
+    return RecentGrants(times)
 
 
 class SharedBudget(Pacer):

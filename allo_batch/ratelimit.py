@@ -19,6 +19,11 @@ request counted in another window than planned, withdraw the proof. Windows of a
 the documented second (every step between two Resets is a multiple of the size) are only ever
 paced evenly.
 
+Evenly spaced permits also never make more than the limit in any ``1 + J`` seconds, counting
+every permit of the key's last 256 (:func:`_sliding_bound`): when the windows stop being known
+fixed just after a window's allotted burst, the even pace waits for the burst to pass instead of
+adding to it, and permits still asleep in an allotted slot are given up.
+
 **Where the edges are.** ``Reset`` bounds the server clock from above (a request arrives before
 its window resets); ``Date`` and, once windows are known fixed, ``Reset − 1`` bound it from below.
 ``Date`` gives no upper bound: servers cache it (uvicorn refreshes it once a second). A request
@@ -44,6 +49,7 @@ arrived when, its grant-to-answer times) stays in its :class:`WindowWatch`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import time
@@ -74,6 +80,11 @@ _MAX_DELAY = 0.5
 _MAX_SPREAD = 0.2
 _DELAY_SAMPLES = 256
 _MODEL_TTL = 60.0  # what was learned about the windows is forgotten after this long unused
+# Processes (and threads) read the clock before they wait for the shared state's lock, so a
+# transaction may carry a time a little older than the last one's. Only a step back further
+# than this means the wall clock was set, and what was learned no longer holds.
+_CLOCK_SLACK = 1.0
+RECENT_GRANTS = 256  # permit times kept for the sliding guard on even spacing
 _VIOLATION_SPAN = 10.0
 _FADE = 0.8
 _MAX_TRIES = 1000
@@ -136,6 +147,41 @@ def _zeros() -> array[int]:
     return array("I", bytes(array("I").itemsize * HISTOGRAM_BUCKETS))
 
 
+class RecentGrants:
+    """The times of the last :data:`RECENT_GRANTS` permits, in order: exact where the histogram
+    is bucketed, for the guard that keeps even spacing from adding to a burst (see
+    :func:`_sliding_bound`). A sorted ``array`` of doubles: inserts and removals are one
+    ``memmove``, lookups a bisection, and it goes into the shared file as it is."""
+
+    __slots__ = ("times",)
+
+    def __init__(self, times: array[float] | None = None) -> None:
+        self.times = times if times is not None else array("d")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RecentGrants):
+            return NotImplemented
+        return self.times == other.times
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def add(self, when: float) -> None:
+        """Keep one permit at ``when`` (forgetting the oldest beyond the last 256)."""
+        bisect.insort(self.times, when)
+        if len(self.times) > RECENT_GRANTS:
+            del self.times[0]
+
+    def remove(self, when: float) -> None:
+        """Take back a permit kept at ``when`` that was never used (or never counted)."""
+        index = bisect.bisect_left(self.times, when)
+        if index < len(self.times) and self.times[index] == when:
+            del self.times[index]
+
+    def latest(self, n: int) -> float | None:
+        """The time of the ``n``-th latest permit kept, or None if fewer are kept."""
+        return self.times[-n] if 0 < n <= len(self.times) else None
+
+
 @dataclass(slots=True)
 class WindowCount:
     """One fixed window (named by its ``Reset``) as far as our requests go.
@@ -191,6 +237,7 @@ class BudgetState:
     seen: float = 0.0
     windows: dict[int, WindowCount] = field(default_factory=dict)
     histogram: Histogram = field(default_factory=Histogram)
+    recent: RecentGrants = field(default_factory=RecentGrants)
 
     @property
     def lo(self) -> float:
@@ -272,6 +319,7 @@ def reserve(s: BudgetState, now: float, terms: Terms) -> Grant:
     if grant is None:
         grant = _even_slot(s, now, terms)
     s.histogram.add(grant.at)
+    s.recent.add(grant.at)
     return grant
 
 
@@ -298,6 +346,7 @@ def release(s: BudgetState, grant: Grant) -> None:
         if count is not None:
             count.used = max(count.used - 1, 0)
     s.histogram.remove(grant.at)
+    s.recent.remove(grant.at)
 
 
 def _usable(s: BudgetState, grant: Grant, now: float, tolerance: float) -> bool:
@@ -305,6 +354,8 @@ def _usable(s: BudgetState, grant: Grant, now: float, tolerance: float) -> bool:
         return False  # a pause (a 429's Retry-After) came while we slept
     if not grant.fixed:
         return True
+    if not s.fixed:
+        return False  # the windows are no longer known fixed: an allotted slot means nothing
     if now >= grant.zone_end:
         return False  # the timer overslept past the zone: the request could land in the next
     count = s.windows.get(grant.windows[0])
@@ -312,14 +363,38 @@ def _usable(s: BudgetState, grant: Grant, now: float, tolerance: float) -> bool:
 
 
 def _even_slot(s: BudgetState, now: float, terms: Terms) -> Grant:
-    """GCRA, burst 1: the next permit ``(1 + J) / rate`` after the previous one."""
+    """GCRA, burst 1: the next permit ``(1 + J) / rate`` after the previous one, and never
+    sooner than the sliding guard allows."""
     interval = _interval(s, terms, now)
-    due = max(s.tat, s.paused_until)
+    due = max(s.tat, s.paused_until, _sliding_bound(s, terms))
     # A permit granted up to 2 ms late keeps the grid (a late timer is caught up); after an
     # idle spell the grid starts again from now, with no credit.
     s.tat = (due if due >= now - terms.tolerance else now) + interval
     at = max(due, now)
     return Grant(at, _count(s, at))
+
+
+def _sliding_bound(s: BudgetState, terms: Terms) -> float:
+    """The earliest time a permit leaves at most the key's limit of permits in any ``1 + J``
+    seconds: what a sliding second admits, whatever the arrival jitter (rule 11).
+
+    Even spacing alone keeps this only if every earlier permit was evenly spaced too. Permits
+    allotted per fixed window come in bursts, and when the windows stop being known fixed (a
+    429, an answer from the wrong window, a stale model), the evenly spaced permits that follow
+    must not add to the burst a window has already had. Steady even spacing sits exactly on
+    this bound and is never slowed by it."""
+    if not terms.allot:
+        return -math.inf  # the older way never allots, so it never follows a burst
+    per_second = math.ceil(terms.ceiling - 1e-9)
+    if s.limit:
+        per_second = min(per_second, s.limit)
+    kept = min(max(per_second, 1), RECENT_GRANTS)
+    oldest = s.recent.latest(kept)
+    if oldest is None:
+        return -math.inf
+    span = 1.0 + max(terms.jitter, s.spread + terms.tolerance)
+    # Past 256 a second, the guard holds the last 256 to their share of the span.
+    return oldest + span * kept / max(per_second, 1)
 
 
 def _window_slot(s: BudgetState, start: float, terms: Terms) -> Grant | None:
@@ -432,7 +507,9 @@ def _sanitise(s: BudgetState, now: float, terms: Terms) -> None:
         s.tat = now
     if s.paused_until > now + 3600.0:
         s.paused_until = now
-    if s.seen and not 0 <= now - s.seen <= _MODEL_TTL:
+    if s.recent.times and s.recent.times[-1] > now + 5.0:  # permits are reserved 3 s ahead at most
+        s.recent = RecentGrants()
+    if s.seen and not -_CLOCK_SLACK <= now - s.seen <= _MODEL_TTL:
         forget_windows(s)
 
 
@@ -470,9 +547,9 @@ class Facts(NamedTuple):
 
 def absorb(s: BudgetState, facts: Facts, now: float) -> bool:
     """Learn from one answer; return whether it paused the key for a window spent by others."""
-    if s.seen and not 0 <= now - s.seen <= _MODEL_TTL:
+    if s.seen and not -_CLOCK_SLACK <= now - s.seen <= _MODEL_TTL:
         forget_windows(s)
-    s.seen, s.delay, s.size = now, facts.delay, facts.size
+    s.seen, s.delay, s.size = max(s.seen, now), facts.delay, facts.size
     if facts.spread is not None:
         s.spread = facts.spread
     if facts.limit:
@@ -569,6 +646,7 @@ def note_rate_limited(s: BudgetState, slot: Slot | None, now: float) -> None:
     s.adjusted = now
     if slot is not None:
         s.histogram.remove(slot.planned)  # refused: the server did not count it
+        s.recent.remove(slot.planned)
     if slot is None or not slot.fixed or not s.fixed:
         return
     if now - s.violated_at <= _VIOLATION_SPAN:
