@@ -53,6 +53,16 @@ def done_keys() -> list[pl.Expr]:
     return [content.hash(seed=11).alias(DONE_KEYS[0]), content.hash(seed=29).alias(DONE_KEYS[1])]
 
 
+def done_rows_for(done: pl.DataFrame, keyed: pl.DataFrame) -> pl.DataFrame:
+    """The rows of the done index that rows with :func:`done_keys` columns may match: join
+    ``keyed`` with these, never with the whole index, which a join would hash again each time
+    (a million rows of an earlier run, for every batch of a rerun)."""
+    import polars as pl
+
+    first = DONE_KEYS[0]
+    return done.filter(pl.col(first).is_in(keyed.get_column(first).implode()))
+
+
 # Local codes (DESIGN §4) beside the API's own.
 DUPLICATE_ROW: Final = "DUPLICATE_ROW"
 TIMEOUT: Final = "TIMEOUT"

@@ -22,6 +22,7 @@ from allo_batch.models import (
     RowResult,
     content_sha256,
     done_keys,
+    done_rows_for,
 )
 
 if TYPE_CHECKING:
@@ -57,10 +58,10 @@ def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
             pl.lit(None, pl.String).alias("done_request_id"),
         )
     keys = list(DONE_KEYS)
+    keyed = hashed.with_columns(done_keys())
     return (
-        hashed.with_columns(done_keys())
-        .join(
-            done.select(
+        keyed.join(
+            done_rows_for(done, keyed).select(
                 *keys,
                 pl.col("version").alias("done_version"),
                 pl.col("updated_at").alias("done_updated_at"),

@@ -44,6 +44,7 @@ from allo_batch.models import (
     RowResult,
     RunSummary,
     done_keys,
+    done_rows_for,
 )
 
 if TYPE_CHECKING:
@@ -265,13 +266,9 @@ def load_earlier(output: Path) -> Earlier:
         two = set(refused.select("call_id").collect()["call_id"].drop_nulls().to_list())
     done = _done_index(previous, facts)
     # In doubt: sent without an answer, and not landed by any later request.
-    in_doubt = (
-        pl.concat(doubtful)
-        .unique()
-        .select(done_keys())
-        .join(done.select(DONE_KEYS), on=list(DONE_KEYS), how="anti")
-        .height
-    )
+    sent_unanswered = pl.concat(doubtful).unique().select(done_keys())
+    landed = done_rows_for(done, sent_unanswered).select(DONE_KEYS)
+    in_doubt = sent_unanswered.join(landed, on=list(DONE_KEYS), how="anti").height
     inputs = list(facts.inputs)
     sidecar = read_sidecar(output) if previous is not None else {}
     if isinstance(sidecar.get("input"), dict):
@@ -320,14 +317,17 @@ def _done_index(previous: pl.LazyFrame | None, journal: JournalFacts) -> pl.Data
             "request_id": pl.String,
         }
         return pl.DataFrame(schema=empty)
-    # Later parts and later lines win: the journal is newer than the result file.
-    return (
+    # The keys are computed batch by batch (streaming), so the earlier rows' strings are never
+    # all held at once; only the compact columns are.
+    compact = (
         pl.concat(parts)
         .select(_target_key(), *done_keys(), "version", "updated_at", "request_id")
-        .unique(subset=["_target"], keep="last", maintain_order=True)
-        .select(kept)
-        .collect()
+        .collect(engine="streaming")
     )
+    # Later parts and later lines win: the journal is newer than the result file. A mask of
+    # each target's last row, where unique(keep="last") built a second copy of the frame (the
+    # 1M-row rerun's peak).
+    return compact.filter(pl.col("_target").is_last_distinct()).select(kept)
 
 
 def read_sidecar(output: Path) -> dict[str, Any]:

@@ -15,20 +15,24 @@ from hypothesis import strategies as st
 from allo_batch.errors import UsageError
 from allo_batch.lock import OutputLock, lock_path
 from allo_batch.models import (
+    DONE_KEYS,
     RESULT_COLUMNS,
     STATUSES,
     PlannedRequest,
     Reason,
     RowResult,
     RunSummary,
+    done_keys,
 )
 from allo_batch.record import (
     Journal,
     OrderedResults,
     Recorder,
     journal_path,
+    load_earlier,
     read_journal,
     read_results,
+    result_schema,
     sidecar_path,
 )
 from allo_batch.report import summarize_file
@@ -172,3 +176,58 @@ def test_sidecars_never_write_through_a_symbolic_link(which: str, tmp_path: Path
         else:
             Recorder(output, {}, journaled=False).close(RunSummary())
     assert target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_done_index_keeps_each_targets_latest_landed_content(fmt: str, tmp_path: Path) -> None:
+    """A rerun skips a row only if its exact content is the latest that landed on its target:
+    the journal of a killed run is newer than the result file, and a request cut off in flight
+    is in doubt only until a later one of the same content lands."""
+    output = tmp_path / f"out.{fmt}"
+    rows = [
+        ("cll-A", None, "updated", "x" * 64, 1, 1),
+        ("cll-B", None, "not_sent", "z" * 64, None, 1),  # cut off in flight by a clean stop
+        ("cll-C", "MARKDOWN_CLASSIC", "updated", "w" * 64, 4, 1),
+        ("cll-D", None, "not_sent", "v" * 64, None, 1),  # cut off, then landed (journal below)
+        ("cll-E", None, "failed", "u" * 64, None, 3),
+    ]
+    names = ["call_id", "template_key", "status", "content_sha256", "version", "attempts"]
+    earlier = pl.DataFrame([dict(zip(names, r, strict=True)) for r in rows]).with_row_index("row")
+    schema = result_schema()
+    earlier = earlier.select(
+        pl.col(name).cast(dtype) if name in earlier.columns else pl.lit(None, dtype).alias(name)
+        for name, dtype in schema.items()
+    )
+    {"parquet": earlier.write_parquet, "csv": earlier.write_csv, "ndjson": earlier.write_ndjson}[
+        fmt
+    ](output)
+    journal = Journal(journal_path(output))
+    for row, sha, version in ((0, "y" * 64, 2), (3, "v" * 64, 7)):
+        call_id = rows[row][0]
+        journal.sent(row, call_id, None, sha, f"req_{row}")
+        journal.result(
+            RowResult(
+                row=row,
+                call_id=call_id,
+                template_key=None,
+                status="updated",
+                content_sha256=sha,
+                version=version,
+            )
+        )
+    journal.close()
+
+    found = load_earlier(output)
+    assert found.in_doubt == 1  # cll-B; cll-D's content landed since
+    probes = pl.DataFrame(
+        {
+            "call_id": ["cll-A", "cll-A", "cll-C", "cll-D", "cll-E"],
+            "template_key": [None, None, "MARKDOWN_CLASSIC", None, None],
+            "content_sha256": ["x" * 64, "y" * 64, "w" * 64, "v" * 64, "u" * 64],
+        },
+        schema={"call_id": pl.String, "template_key": pl.String, "content_sha256": pl.String},
+    ).with_columns(done_keys())
+    landed = probes.join(found.done, on=list(DONE_KEYS), how="left")
+    # cll-A's first content was replaced by a later write: a row asking for it is sent again.
+    assert landed["version"].to_list() == [None, 2, 4, 7, None]
+    assert found.done.height == 3
