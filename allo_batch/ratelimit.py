@@ -358,8 +358,23 @@ def _usable(s: BudgetState, grant: Grant, now: float, tolerance: float) -> bool:
         return False  # the windows are no longer known fixed: an allotted slot means nothing
     if now >= grant.zone_end:
         return False  # the timer overslept past the zone: the request could land in the next
-    count = s.windows.get(grant.windows[0])
-    return count is None or count.room is None or count.used <= count.room
+    window = grant.windows[0]
+    count = s.windows.get(window)
+    room = None if count is None else _room(s, window, count)
+    return room is None or count is None or count.used <= room
+
+
+def _room(s: BudgetState, window: int, count: WindowCount) -> int | None:
+    """How many of our permits ``window`` takes in all, when another client may share it.
+
+    The answers' room (:attr:`WindowCount.room`) is too low by our requests that arrived but
+    whose answers are still on their way: most of those in flight, when the latency comes after
+    the server counts a request. When no other client was seen in this window or the last ones,
+    that is all it shows, and heeding it would leave slots empty at each window's end: then
+    the allowance alone bounds the window (None)."""
+    if not count.foreign and not _others(s, window):
+        return None
+    return count.room
 
 
 def _even_slot(s: BudgetState, now: float, terms: Terms) -> Grant:
@@ -432,7 +447,8 @@ def _cap(s: BudgetState, window: int, count: WindowCount, terms: Terms) -> int:
     # arrived before ours; at least one permit per window keeps the estimate fresh.
     fair = s.limit - foreign - (1 if foreign else 0)
     cap = max(1, min(allowance, fair))
-    return min(cap, count.room) if count.room is not None else cap
+    room = _room(s, window, count)
+    return min(cap, room) if room is not None else cap
 
 
 def _others(s: BudgetState, window: int) -> int:
