@@ -198,9 +198,12 @@ def test_the_done_index_keeps_each_targets_latest_landed_content(fmt: str, tmp_p
         pl.col(name).cast(dtype) if name in earlier.columns else pl.lit(None, dtype).alias(name)
         for name, dtype in schema.items()
     )
-    {"parquet": earlier.write_parquet, "csv": earlier.write_csv, "ndjson": earlier.write_ndjson}[
-        fmt
-    ](output)
+    if fmt == "parquet":
+        earlier.write_parquet(output)
+    elif fmt == "csv":
+        earlier.write_csv(output)
+    else:
+        earlier.write_ndjson(output)
     journal = Journal(journal_path(output))
     for row, sha, version in ((0, "y" * 64, 2), (3, "v" * 64, 7)):
         call_id = rows[row][0]
