@@ -8,8 +8,9 @@ it, and it keeps the journal, the ordered result file, the counters and the side
   against machine loss. A ``sent`` line precedes every request; a ``result`` line follows every
   answered row. A torn last line is ignored when read.
 - The **result file** is assembled in input order while the run goes (a small reorder buffer
-  bounded by the rows in flight) into a temporary NDJSON beside the output, then converted to the
-  output's format and renamed into place: it appears whole or not at all.
+  bounded by the rows in flight) into a temporary file of the output's own format beside it
+  (Parquet as part files, merged at the end), then renamed into place: it appears whole or not
+  at all.
 - The **done index** is what earlier runs of this output landed: for each ``(call_id,
   template_key)`` the latest content hash that was ``updated``, with its version.
 - For an output in a store (``storage.py``) all of this happens in the output's local state
