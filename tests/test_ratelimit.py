@@ -228,15 +228,14 @@ def test_the_window_size_is_learned_from_the_steps_between_resets() -> None:
     assert store.state.size == 1
 
 
-def test_state_expires_when_unused() -> None:
-    """A budget file left by a run an hour ago says nothing about the server now."""
-    state = BudgetState(fixed=True, limit=5, lo_date=0.1, hi=0.2, seen=1000.0)
-    facts = Facts(
-        sent=5000.0,
-        received=5000.1,
-        limit=5,
-        remaining=4,
-        reset=5001,
+def answer(sent: float, received: float, *, limit: int, remaining: int, reset: int) -> Facts:
+    """What the watch makes of one answer with these headers (no Date, no allotted slot)."""
+    return Facts(
+        sent=sent,
+        received=received,
+        limit=limit,
+        remaining=remaining,
+        reset=reset,
         date=None,
         windows=(),
         fixed_slot=False,
@@ -246,9 +245,12 @@ def test_state_expires_when_unused() -> None:
         proves_fixed=False,
         pause_spread=0.0,
     )
-    from allo_batch.ratelimit import absorb
 
-    absorb(state, facts, 5000.1)
+
+def test_state_expires_when_unused() -> None:
+    """A budget file left by a run an hour ago says nothing about the server now."""
+    state = BudgetState(fixed=True, limit=5, lo_date=0.1, hi=0.2, seen=1000.0)
+    absorb(state, answer(5000.0, 5000.1, limit=5, remaining=4, reset=5001), 5000.1)
     assert not state.fixed
     assert state.hi == pytest.approx(5001 - 5000.0)
 
@@ -262,22 +264,7 @@ def test_a_clock_read_just_before_the_last_transaction_keeps_what_was_learned() 
     state = BudgetState(fixed=True, limit=20, lo_date=-0.02, lo_reset=-0.01, hi=0.02, seen=1000.0)
     reserve(state, 999.99, terms)
     assert state.fixed and state.placed()
-    facts = Facts(
-        sent=999.9,
-        received=999.98,
-        limit=20,
-        remaining=10,
-        reset=1000,
-        date=None,
-        windows=(),
-        fixed_slot=False,
-        delay=0.1,
-        spread=None,
-        size=1,
-        proves_fixed=False,
-        pause_spread=0.0,
-    )
-    absorb(state, facts, 999.98)
+    absorb(state, answer(999.9, 999.98, limit=20, remaining=10, reset=1000), 999.98)
     assert state.fixed
     assert state.seen == 1000.0  # the latest time seen stays the latest
     reserve(state, 990.0, terms)  # a wall clock set back by 10 s: the model no longer holds
