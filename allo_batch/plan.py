@@ -20,7 +20,7 @@ from allo_batch.models import (
     REPEAT_OF,
     PlannedRequest,
     RowResult,
-    content_sha256,
+    content_sha256_column,
     done_keys,
     done_rows_for,
 )
@@ -47,9 +47,7 @@ def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
     """
     import polars as pl
 
-    hashed = batch.with_columns(
-        pl.Series("content_sha256", [content_sha256(c) for c in batch["content"]], pl.String)
-    )
+    hashed = batch.with_columns(content_sha256_column(batch.get_column("content")))
     if done.height == 0:
         return hashed.with_columns(
             pl.lit(False).alias("done"),

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import polars as pl
 
-from allo_batch.models import PlannedRequest, RowResult, content_sha256, done_keys
+from allo_batch.models import (
+    PlannedRequest,
+    RowResult,
+    content_sha256,
+    content_sha256_column,
+    done_keys,
+)
 from allo_batch.plan import attach_done, plan_batch, request_body
 from allo_batch.validate import duplicates_in, validate_batch
 
@@ -100,3 +107,13 @@ def test_a_limit_never_turns_a_landed_row_back_into_one_to_send() -> None:
 def test_the_body_leaves_out_an_empty_template_and_keeps_unicode() -> None:
     """One serialisation, compact, UTF-8 as is."""
     assert request_body("é ✓", None) == '{"content":"é ✓"}'.encode()
+
+
+def test_a_batch_hashes_each_content_as_one_row_would() -> None:
+    """The column of hashes a batch gets is the hash each row's content gets alone: non-ASCII
+    text as its UTF-8 bytes, a missing content as the empty string."""
+    contents = ["Résumé 📞", "", None, "x" * 5000, "line\nbreak"]
+    column = content_sha256_column(pl.Series("content", contents, pl.String))
+    assert column.name == "content_sha256"
+    assert column.to_list() == [content_sha256(c) for c in contents]
+    assert column[0] == hashlib.sha256("Résumé 📞".encode()).hexdigest()
