@@ -371,8 +371,10 @@ def _room(s: BudgetState, window: int, count: WindowCount) -> int | None:
     whose answers are still on their way: most of those in flight, when the latency comes after
     the server counts a request. When no other client was seen in this window or the last ones,
     that is all it shows, and heeding it would leave slots empty at each window's end: then
-    the allowance alone bounds the window (None)."""
-    if not count.foreign and not _others(s, window):
+    the allowance alone bounds the window (None). Only in a window where every permit of ours
+    that may land in it was counted, though: in the first ones, permits granted before the
+    server clock was placed are in no count, and only the answers' room covers them."""
+    if count.complete and not count.foreign and not _others(s, window):
         return None
     return count.room
 

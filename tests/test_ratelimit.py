@@ -308,6 +308,23 @@ def test_an_allotted_permit_is_given_up_when_the_windows_stop_being_known_fixed(
     assert state.windows[1001].used == 4
 
 
+def test_the_answers_room_binds_a_window_unless_its_count_is_whole_and_ours() -> None:
+    """The answers' room (answered + lowest Remaining) lags by the answers on their way, so it
+    must not cut a window's allotment when every permit of ours in it was counted and nobody
+    else was seen; it must in a first window, whose permits from before the server clock was
+    placed are in no count, and wherever another client was seen."""
+    grant = Grant(1000.5, (1001,), fixed=True, zone_end=1000.9)
+
+    def usable(complete: bool, foreign: int) -> bool:
+        state = BudgetState(fixed=True, limit=20)
+        state.windows[1001] = WindowCount(18, 10, 5, foreign, complete)  # room 15 (or less)
+        return still_good(state, grant, 1000.5, 0.002)
+
+    assert usable(complete=True, foreign=0)
+    assert not usable(complete=False, foreign=0)
+    assert not usable(complete=True, foreign=2)
+
+
 def test_recent_grants_keep_the_last_permits_in_order() -> None:
     recent = RecentGrants()
     for when in (3.0, 1.0, 2.0, 2.0):
