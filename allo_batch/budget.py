@@ -84,6 +84,14 @@ def budget_key_id(base_url: str, api_key: str) -> str:
     return hashlib.sha256(material).hexdigest()[:32]
 
 
+def budget_file_name(key_id: str) -> str:
+    """The state file's name. The record's format is in it: a run of an older allo-batch on
+    the same key keeps a file of its own (and meets this one through the headers, as runs on
+    two machines do) rather than each taking the other's record for garbage and starting
+    afresh, over and over."""
+    return f"{key_id}.{_MAGIC[-2:].decode()}.budget"
+
+
 def state_directory() -> Path:
     """Where budgets are shared: the user's runtime directory, else a private temp folder."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -99,7 +107,7 @@ class FileStore:
         if not _KEY_ID.fullmatch(key_id):
             msg = "a budget's key_id is a hex hash of the key (budget_key_id), never the key"
             raise ValueError(msg)
-        self.path = directory / f"{key_id}.budget"
+        self.path = directory / budget_file_name(key_id)
         folder = _open_private_directory(directory)
         try:
             self._fd = _open_private_file(folder, self.path.name)

@@ -20,7 +20,7 @@ the documented second (every step between two Resets is a multiple of the size) 
 paced evenly.
 
 Evenly spaced permits also never make more than the limit in any ``1 + J`` seconds, counting
-every permit of the key's last 256 (:func:`_sliding_bound`): when the windows stop being known
+every permit of the key's last 1024 (:func:`_sliding_bound`): when the windows stop being known
 fixed just after a window's allotted burst, the even pace waits for the burst to pass instead of
 adding to it, and permits still asleep in an allotted slot are given up.
 
@@ -58,7 +58,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import partial
 from typing import NamedTuple, Protocol, TypeVar
 
 import anyio
@@ -84,7 +83,7 @@ _MODEL_TTL = 60.0  # what was learned about the windows is forgotten after this 
 # transaction may carry a time a little older than the last one's. Only a step back further
 # than this means the wall clock was set, and what was learned no longer holds.
 _CLOCK_SLACK = 1.0
-RECENT_GRANTS = 256  # permit times kept for the sliding guard on even spacing
+RECENT_GRANTS = 1024  # permit times kept for the sliding guard on even spacing (exact to 1024/s)
 _VIOLATION_SPAN = 10.0
 _FADE = 0.8
 _MAX_TRIES = 1000
@@ -166,7 +165,7 @@ class RecentGrants:
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def add(self, when: float) -> None:
-        """Keep one permit at ``when`` (forgetting the oldest beyond the last 256)."""
+        """Keep one permit at ``when`` (forgetting the oldest beyond the last 1024)."""
         bisect.insort(self.times, when)
         if len(self.times) > RECENT_GRANTS:
             del self.times[0]
@@ -410,7 +409,7 @@ def _sliding_bound(s: BudgetState, terms: Terms) -> float:
     if oldest is None:
         return -math.inf
     span = 1.0 + max(terms.jitter, s.spread + terms.tolerance)
-    # Past 256 a second, the guard holds the last 256 to their share of the span.
+    # Past 1024 a second, the guard holds the last 1024 to their share of the span.
     return oldest + span * kept / max(per_second, 1)
 
 
@@ -521,11 +520,14 @@ def _recover(s: BudgetState, now: float) -> None:
 def _sanitise(s: BudgetState, now: float, terms: Terms) -> None:
     """Forget times that only a wall clock set backwards can explain, and a stale model."""
     interval = _interval(s, terms, now)
-    if s.tat > now + 2 * interval + 1.0 and s.tat > s.paused_until:
+    # Permits are reserved up to a few seconds past now, or past a pause: anything later than
+    # that was planned on a wall clock since set back.
+    horizon = max(now, s.paused_until) + 2 * interval + 5.0
+    if s.tat > horizon:
         s.tat = now
     if s.paused_until > now + 3600.0:
         s.paused_until = now
-    if s.recent.times and s.recent.times[-1] > now + 5.0:  # permits are reserved 3 s ahead at most
+    if s.recent.times and s.recent.times[-1] > horizon:
         s.recent = RecentGrants()
     if s.seen and not -_CLOCK_SLACK <= now - s.seen <= _MODEL_TTL:
         forget_windows(s)
@@ -730,21 +732,25 @@ class Pacer:
 
     async def acquire(self) -> None:
         """Wait for the next permit."""
+        # Each transaction reads the clock once it holds the state (the lock may be waited for):
+        # a time read before could be half a second old, and allot a slot whose zone is over.
+        clock, terms = self._clock, self._terms
         async with self._lock:
-            grant = self._store.update(partial(reserve, now=self._clock(), terms=self._terms))
+            grant = self._store.update(lambda s: reserve(s, clock(), terms))
             for _ in range(_MAX_TRIES):
-                wait = grant.at - self._clock()
+                wait = grant.at - clock()
                 if grant.fixed and wait > _REPLAN:
                     await self._sleep(_REPLAN)
-                    change = partial(replan, grant=grant, now=self._clock(), terms=self._terms)
-                    grant = self._store.update(change)
+                    grant = self._replan(grant)
                 elif await self._wait_for(grant):
                     break
                 else:
-                    grant = self._store.update(
-                        partial(reserve, now=self._clock(), terms=self._terms)
-                    )
-            _SLOT.set(Slot(self._clock(), grant.windows, grant.fixed, grant.at))
+                    grant = self._store.update(lambda s: reserve(s, clock(), terms))
+            _SLOT.set(Slot(clock(), grant.windows, grant.fixed, grant.at))
+
+    def _replan(self, grant: Grant) -> Grant:
+        clock, terms = self._clock, self._terms
+        return self._store.update(lambda s: replan(s, grant, clock(), terms))
 
     async def _wait_for(self, grant: Grant) -> bool:
         """Sleep until ``grant`` is due; return whether it may still be used then."""
@@ -758,10 +764,12 @@ class Pacer:
                 break
             await self._sleep(wait)
             slept = True
-        if not slept:
+        if not slept and not grant.fixed:
             return True
-        now, tolerance = self._clock(), self._terms.tolerance
-        return self._store.update(lambda s: still_good(s, grant, now, tolerance))
+        # (An allotted permit is checked even when it was due at once: its zone may have ended
+        # while the transaction that granted it waited for the lock.)
+        clock, tolerance = self._clock, self._terms.tolerance
+        return self._store.update(lambda s: still_good(s, grant, clock(), tolerance))
 
     def pause_until(self, when: float) -> None:
         """Issue no permit before ``when`` (on this pacer's wall clock)."""

@@ -11,6 +11,7 @@ on 127.0.0.1. Exact throughput ratios are for the benchmarks; here the floors ar
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import heapq
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import pytest
@@ -35,6 +36,7 @@ from allo_batch.budget import (
     BudgetStateError,
     FileStore,
     SharedBudget,
+    budget_file_name,
     budget_key_id,
     decode,
     encode,
@@ -44,6 +46,7 @@ from allo_batch.client import AlloClient, http_lanes
 from allo_batch.config import RetryPolicy, Secret
 from allo_batch.models import PlannedRequest, RowResult
 from allo_batch.ratelimit import (
+    RECENT_GRANTS,
     BudgetState,
     Facts,
     Grant,
@@ -68,6 +71,7 @@ from allo_batch.send import Sender
 from tests.conftest import SandboxFactory
 
 START = 1_800_000_000.0
+T = TypeVar("T")
 
 # -- the pacer on a fake clock --------------------------------------------------------------------
 
@@ -272,28 +276,62 @@ def test_a_clock_read_just_before_the_last_transaction_keeps_what_was_learned() 
     assert not state.placed()
 
 
-def test_even_spacing_after_a_burst_keeps_the_limit_in_every_span() -> None:
-    """A window got 15 allotted permits in its first 0.2 s, then the windows stopped being
-    known fixed: the evenly spaced permits that follow keep at most the limit in any 1 + J
-    seconds (a sliding second's rule), and once the burst is behind, the spacing is even again
-    and no slower than before."""
-    terms = Terms(20.0, 0.02, 0.002, allot=True)
-    state = BudgetState(limit=20)
-    for n in range(15):
-        state.recent.add(1000.0 + n * 0.2 / 14)
+def most_in_any_span(times: list[float], span: float) -> int:
+    """The most of ``times`` in any half-open interval ``span`` long."""
+    ordered = sorted(times)
+    return max(bisect.bisect_left(ordered, t + span) - i for i, t in enumerate(ordered))
+
+
+@pytest.mark.parametrize("limit", [20, 1000])
+def test_even_spacing_after_a_burst_keeps_the_limit_in_every_span(limit: int) -> None:
+    """A window got three quarters of its limit allotted in its first 0.2 s, then the windows
+    stopped being known fixed: the evenly spaced permits that follow keep at most the limit in
+    any 1 + J seconds (a sliding second's rule), and once the burst is behind, the spacing is
+    even again and no slower than before."""
+    terms = Terms(float(limit), 0.02, 0.002, allot=True)
+    state = BudgetState(limit=limit)
+    burst = [1000.0 + n * 0.2 / (limit * 3 // 4) for n in range(limit * 3 // 4)]
+    for when in burst:
+        state.recent.add(when)
     state.tat = 1000.2
     now, granted = 1000.2, []
-    for _ in range(80):
+    for _ in range(4 * limit):
         grant = reserve(state, now, terms)
         granted.append(grant.at)
         now = grant.at
     span = 1.0 + terms.jitter
-    everything = sorted([1000.0 + n * 0.2 / 14 for n in range(15)] + granted)
-    for start in everything:
-        assert sum(start <= t < start + span for t in everything) <= 20
-    interval = span / 20
-    gaps = [b - a for a, b in zip(granted[-40:], granted[-39:], strict=False)]
+    assert most_in_any_span(burst + granted, span) <= limit
+    interval = span / limit
+    gaps = [b - a for a, b in itertools.pairwise(granted[-2 * limit :])]
     assert gaps == pytest.approx([interval] * len(gaps), abs=1e-5)
+
+
+def test_a_pause_ends_with_even_spacing_not_a_burst() -> None:
+    """Workers that all wait out a Retry-After pause of 10 s get permits spaced evenly from its
+    end, not all at its end (the next permit's time once looked like a clock set back)."""
+    terms = Terms(10.0, 0.02, 0.002, allot=True)
+    state = BudgetState(limit=10, paused_until=1010.0)
+    for when in (999.5, 999.7, 999.9):
+        state.recent.add(when)
+    times = [reserve(state, 1000.0, terms).at for _ in range(8)]
+    interval = (1.0 + terms.jitter) / 10
+    assert times == pytest.approx([1010.0 + n * interval for n in range(8)])
+    assert list(state.recent.times[:3]) == [999.5, 999.7, 999.9]  # kept through the pause
+
+
+def test_a_transaction_reads_the_clock_once_it_holds_the_state() -> None:
+    """Waiting for the shared state's lock takes time; a permit reserved on a time read before
+    the wait could go out after its window's zone had ended."""
+    clock = FakeClock()
+
+    class SlowStore(MemoryStore):
+        def update(self, change: Callable[[BudgetState], T]) -> T:
+            clock.now += 0.3  # the lock was held by another process meanwhile
+            return super().update(change)
+
+    store = SlowStore()
+    anyio.run(Pacer(5.0, jitter=0.02, clock=clock, sleep=clock.sleep, store=store).acquire)
+    assert store.state.recent.times[0] >= 1000.3
 
 
 def test_an_allotted_permit_is_given_up_when_the_windows_stop_being_known_fixed() -> None:
@@ -336,10 +374,10 @@ def test_recent_grants_keep_the_last_permits_in_order() -> None:
     recent.remove(2.0)
     recent.remove(7.0)  # never kept: nothing happens
     assert list(recent.times) == [1.0, 2.0, 3.0]
-    for n in range(300):
+    for n in range(RECENT_GRANTS + 44):
         recent.add(10.0 + n)
-    assert len(recent.times) == 256
-    assert recent.latest(256) == 10.0 + 300 - 256
+    assert len(recent.times) == RECENT_GRANTS
+    assert recent.latest(RECENT_GRANTS) == 10.0 + 44
 
 
 # -- a virtual-time simulation ------------------------------------------------------------------
@@ -626,7 +664,8 @@ def test_the_state_survives_the_file_unchanged() -> None:
     assert decode(b"") is None
     assert decode(b"x" * len(encode(state))) is None
     record = bytearray(encode(state))
-    record[-8 * 256 : -8 * 254] = record[-8 * 255 : -8 * 254] + record[-8 * 256 : -8 * 255]
+    first, second, third = (-8 * (RECENT_GRANTS - n) for n in range(3))
+    record[first:third] = record[second:third] + record[first:second]
     damaged = decode(bytes(record))  # the permit times out of order: not trusted
     assert damaged is not None
     assert not damaged.recent.times
@@ -682,6 +721,8 @@ def test_a_budget_file_is_named_by_a_hash_never_the_key(tmp_path: Path) -> None:
     assert budget.shared
     assert budget.state_path is not None
     assert key not in budget.state_path.read_bytes().decode("latin-1")
+    # The record's format is in the name: an older allo-batch's file on the key is another.
+    assert budget.state_path.name == f"{key_id}.t5.budget" == budget_file_name(key_id)
     budget.close()
     budget.pause_for(1.0)  # after close: in memory, never a reused file descriptor
 
@@ -706,7 +747,7 @@ def test_symlinks_are_refused(tmp_path: Path) -> None:
         FileStore(tmp_path / "state", "cd" * 16)
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
-    (real / ("ef" * 16 + ".budget")).symlink_to(tmp_path / "victim")
+    (real / budget_file_name("ef" * 16)).symlink_to(tmp_path / "victim")
     with pytest.raises(BudgetStateError, match="symlink"):
         FileStore(real, "ef" * 16)
     assert not (tmp_path / "victim").exists()
