@@ -408,15 +408,8 @@ def _conform(frame: pl.DataFrame, schema: dict[str, Any]) -> pl.DataFrame:
     if "status" not in frame.columns:
         msg = f"not a result file (columns: {', '.join(frame.columns[:10])})"
         raise pl.exceptions.ComputeError(msg)
-
-    def column(name: str, dtype: Any) -> pl.Expr:
-        if name not in frame.columns:
-            return pl.lit(None, dtype).alias(name)
-        if dtype == pl.Boolean and frame.schema[name] == pl.String:
-            return (pl.col(name).str.to_lowercase() == "true").alias(name)
-        return pl.col(name).cast(dtype).alias(name)
-
-    return frame.select(column(name, dtype) for name, dtype in schema.items())
+    found = frame.schema
+    return frame.select(_conformed(name, dtype, found) for name, dtype in schema.items())
 
 
 @dataclass(slots=True)
