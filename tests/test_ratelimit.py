@@ -892,6 +892,23 @@ def in_threads(*jobs: Callable[[], None]) -> None:
     assert not any(thread.is_alive() for thread in threads)
 
 
+def side_by_side(base_url: str, rows: int, budgets: list[SharedBudget]) -> list[Run]:
+    """One run per budget at once, each in its own thread and loop, ``rows`` rows each (the
+    n-th run's are rows n * rows onwards); the budgets are closed after."""
+    runs = [Run() for _ in budgets]
+    in_threads(
+        *(
+            lambda n=n: send_rows(
+                base_url, range(n * rows, (n + 1) * rows), budgets[n], workers=9, run=runs[n]
+            )
+            for n in range(len(budgets))
+        )
+    )
+    for budget in budgets:
+        budget.close()
+    return runs
+
+
 def world(rows: int, rate: int) -> Any:
     pairs: list[tuple[str, str | None]] = [(f"cll-{row:09d}", None) for row in range(rows)]
     return build_world(seed_pairs=pairs, api_key=KEY, write_rate=rate)
@@ -961,23 +978,9 @@ def test_two_runs_sharing_a_key_share_its_budget(
         ) as sandbox,
     ):
         key_id = budget_key_id(sandbox.base_url, KEY)
-        runs = [Run(), Run()]
-        budgets = [SharedBudget(key_id, limit, state_dir=tmp_path) for _ in runs]
-        in_threads(
-            *(
-                lambda n=n: send_rows(
-                    sandbox.base_url,
-                    range(n * rows, (n + 1) * rows),
-                    budgets[n],
-                    workers=9,
-                    run=runs[n],
-                )
-                for n in (0, 1)
-            )
-        )
+        budgets = [SharedBudget(key_id, limit, state_dir=tmp_path) for _ in (0, 1)]
+        runs = side_by_side(sandbox.base_url, rows, budgets)
         counters = sandbox.state()["counters"]
-    for budget in budgets:
-        budget.close()
     assert all(r.status == "updated" for run in runs for r in run.results)
     assert sum(len(run.results) for run in runs) == 2 * rows
     assert counters.get("rate_limited", 0) == 0
@@ -996,23 +999,9 @@ def test_two_runs_that_cannot_see_each_other_rarely_meet_a_429(
         world(2 * rows, limit), api_key=KEY, faults="latency=20ms,jitter=10ms"
     ) as sandbox:
         key_id = budget_key_id(sandbox.base_url, KEY)
-        runs = [Run(), Run()]
         budgets = [SharedBudget(key_id, limit, state_dir=tmp_path / str(n)) for n in (0, 1)]
-        in_threads(
-            *(
-                lambda n=n: send_rows(
-                    sandbox.base_url,
-                    range(n * rows, (n + 1) * rows),
-                    budgets[n],
-                    workers=9,
-                    run=runs[n],
-                )
-                for n in (0, 1)
-            )
-        )
+        runs = side_by_side(sandbox.base_url, rows, budgets)
         counters = sandbox.state()["counters"]
-    for budget in budgets:
-        budget.close()
     assert all(r.status == "updated" for run in runs for r in run.results)
     assert sum(len(run.results) for run in runs) == 2 * rows
     assert counters.get("rate_limited", 0) <= 0.01 * sum(run.requests for run in runs)
