@@ -181,6 +181,17 @@ def spent_key(folder: Path, quick: bool) -> list[Outcome]:
     ]
 
 
+def transport_loop(variant: str, base_url: str, rows: int) -> ChildRun:
+    """``transports.py``'s ``variant`` loop at ``base_url``: ``rows`` PATCHes after 1000
+    warm-up ones, W=8, in a process of its own."""
+    args = ["--client", variant, base_url, "--requests", str(rows), "--warmup", "1000"]
+    return run_child(
+        [sys.executable, "-m", "tests.benchmarks.transports", *args, "--workers", "8"],
+        env={"ALLO_API_KEY": KEY},
+        timeout=1800,
+    )
+
+
 def client_cpu(folder: Path, quick: bool) -> list[Outcome]:
     """Unlimited rate, 2 KB PATCHes: allo-batch's CPU per request vs a bare aiohttp loop.
 
@@ -194,24 +205,7 @@ def client_cpu(folder: Path, quick: bool) -> list[Outcome]:
     source = write_corrections(folder / "cpu.csv", rows, content_bytes=2048)
     figures: dict[str, tuple[float, float]] = {}
     with sandbox(source, write_rate=10_000_000) as sb:
-        loop = run_child(
-            [
-                sys.executable,
-                "-m",
-                "tests.benchmarks.transports",
-                "--client",
-                "aiohttp",
-                sb.base_url,
-                "--requests",
-                str(rows),
-                "--warmup",
-                "1000",
-                "--workers",
-                "8",
-            ],
-            env={"ALLO_API_KEY": KEY},
-            timeout=1800,
-        )
+        loop = transport_loop("aiohttp", sb.base_url, rows)
         if loop.code != 0:
             msg = f"the aiohttp loop failed: {loop.stderr[-2000:]}"
             raise RuntimeError(msg)
@@ -222,24 +216,7 @@ def client_cpu(folder: Path, quick: bool) -> list[Outcome]:
         figures["aiohttp"] = (result["cpu"] / rows, rows / result["wall"])
         # For the split only: AlloClient alone over allo-batch's aiohttp transport, measured
         # as the loop is (transports.py's allo-aiohttp variant).
-        alone = run_child(
-            [
-                sys.executable,
-                "-m",
-                "tests.benchmarks.transports",
-                "--client",
-                "allo-aiohttp",
-                sb.base_url,
-                "--requests",
-                str(rows),
-                "--warmup",
-                "1000",
-                "--workers",
-                "8",
-            ],
-            env={"ALLO_API_KEY": KEY},
-            timeout=1800,
-        )
+        alone = transport_loop("allo-aiohttp", sb.base_url, rows)
         split = json.loads(alone.stdout)["cpu"] / rows if alone.code == 0 else float("nan")
         for workers in (8, 64):
             child = run_child(
