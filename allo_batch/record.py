@@ -259,13 +259,15 @@ def load_earlier(output: Path) -> Earlier:
         pl.DataFrame(facts.in_doubt, schema={c: pl.String for c in key_columns}, orient="row")
     ]
     two: set[str] = set()
-    if previous is not None:
-        # A clean stop records requests cut off in flight as not_sent with attempts > 0.
-        cut_off = previous.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
-        doubtful.append(cut_off.select(key_columns).collect())
-        refused = previous.filter(pl.col("error_code") == "SUMMARY_TEMPLATE_KEY_REQUIRED")
-        two = set(refused.select("call_id").collect()["call_id"].drop_nulls().to_list())
-    done = _done_index(previous, facts)
+    # The scan is read here, lazily: a column of the wrong type surfaces only now.
+    with _reading_earlier(output):
+        if previous is not None:
+            # A clean stop records requests cut off in flight as not_sent with attempts > 0.
+            cut_off = previous.filter((pl.col("status") == "not_sent") & (pl.col("attempts") > 0))
+            doubtful.append(cut_off.select(key_columns).collect())
+            refused = previous.filter(pl.col("error_code") == "SUMMARY_TEMPLATE_KEY_REQUIRED")
+            two = set(refused.select("call_id").collect()["call_id"].drop_nulls().to_list())
+        done = _done_index(previous, facts)
     # In doubt: sent without an answer, and not landed by any later request.
     sent_unanswered = pl.concat(doubtful).unique().select(done_keys())
     landed = done_rows_for(done, sent_unanswered).select(DONE_KEYS)
@@ -350,7 +352,7 @@ def read_results(path: Path) -> pl.DataFrame:
 
     fmt = output_format(path)
     schema = result_schema()
-    try:
+    with _reading_earlier(path):
         if path.stat().st_size == 0:
             return pl.DataFrame(schema=schema)
         if fmt == "parquet":
@@ -360,9 +362,6 @@ def read_results(path: Path) -> pl.DataFrame:
         else:
             frame = pl.read_ndjson(path, infer_schema_length=None)
         return _conform(frame, schema)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        msg = f"{path}: cannot read the earlier result file: {str(exc).splitlines()[0][:200]}"
-        raise UsageError(msg) from exc
 
 
 def scan_results(path: Path) -> pl.LazyFrame:
@@ -371,7 +370,7 @@ def scan_results(path: Path) -> pl.LazyFrame:
     import polars as pl
 
     fmt = output_format(path)
-    try:
+    with _reading_earlier(path):
         if path.stat().st_size == 0:
             return pl.LazyFrame(schema=result_schema())
         if fmt == "parquet":
@@ -381,13 +380,23 @@ def scan_results(path: Path) -> pl.LazyFrame:
         else:
             frame = pl.scan_ndjson(path, infer_schema_length=None)
         names = frame.collect_schema()
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        msg = f"{path}: cannot read the earlier result file: {str(exc).splitlines()[0][:200]}"
-        raise UsageError(msg) from exc
     if "status" not in names:
         msg = f"{path}: cannot read the earlier result file: not a result file"
         raise UsageError(msg)
     return frame.select(_conformed(name, dtype, names) for name, dtype in result_schema().items())
+
+
+@contextlib.contextmanager
+def _reading_earlier(path: Path) -> Iterator[None]:
+    """An earlier result file that cannot be read (or whose columns have the wrong types) is
+    a usage error naming it, not a crash."""
+    import polars as pl
+
+    try:
+        yield
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        msg = f"{path}: cannot read the earlier result file: {str(exc).splitlines()[0][:200]}"
+        raise UsageError(msg) from exc
 
 
 def _conformed(name: str, dtype: Any, found: Any) -> pl.Expr:

@@ -3,6 +3,7 @@ follow symbolic links; the Recorder keeps journal, results and counters in step.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import get_args
@@ -234,3 +235,20 @@ def test_the_done_index_keeps_each_targets_latest_landed_content(fmt: str, tmp_p
     # cll-A's first content was replaced by a later write: a row asking for it is sent again.
     assert landed["version"].to_list() == [None, 2, 4, 7, None]
     assert found.done.height == 3
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_an_earlier_result_file_with_wrong_types_is_a_usage_error(fmt: str, tmp_path: Path) -> None:
+    """The rerun reads its earlier result file lazily, so a column of the wrong type surfaces
+    only when the done index is built: it must still be a usage error naming the file and the
+    column (exit 2), never a crash (exit 70)."""
+    output = tmp_path / f"out.{fmt}"
+    row = {"row": "x", "call_id": "cll-1", "status": "updated", "version": "abc"}
+    if fmt == "csv":
+        output.write_text(",".join(row) + "\n" + ",".join(row.values()) + "\n")
+    else:
+        output.write_text(json.dumps(row) + "\n")
+    with pytest.raises(
+        UsageError, match=r"out\.\w+: cannot read the earlier result file: .*version"
+    ):
+        load_earlier(output)
