@@ -18,7 +18,7 @@ port with the same key gets a budget of its own. When the state cannot be opened
 run goes on with a budget of its own and says so once in the log.
 
 The state is a fixed-size binary record, read and written whole with ``pread``/``pwrite``
-(about 3.5 KB, microseconds per transaction). No fsync: on a crash the state is lost, which
+(about 10 KB, microseconds per transaction). No fsync: on a crash the state is lost, which
 only means relearning the windows for a second.
 """
 
@@ -28,7 +28,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import itertools
 import logging
 import math
 import os
@@ -302,8 +301,12 @@ def decode(data: bytes) -> BudgetState | None:
 def _recent(data: bytes, kept: int) -> RecentGrants:
     times = array("d", data[_RECENT_AT:])
     del times[min(max(kept, 0), RECENT_GRANTS) :]
-    in_order = all(a <= b for a, b in itertools.pairwise(times))
-    if not in_order or not all(math.isfinite(t) for t in times):
+    # In order and finite: another process's write makes every transaction decode, so this is
+    # one sort in C (about 20 µs for 1024 times, where a Python loop took 60). A NaN makes the
+    # arrays differ, and an ordered array is finite if its ends are.
+    in_order = times == array("d", sorted(times))
+    finite = not times or (math.isfinite(times[0]) and math.isfinite(times[-1]))
+    if not (in_order and finite):
         return RecentGrants()  # a damaged record: forget the permits rather than misread them
     return RecentGrants(times)
 

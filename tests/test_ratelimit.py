@@ -21,6 +21,7 @@ import math
 import os
 import random
 import stat
+import struct
 import threading
 import time as wall
 from collections import Counter
@@ -669,6 +670,13 @@ def test_the_state_survives_the_file_unchanged() -> None:
     damaged = decode(bytes(record))  # the permit times out of order: not trusted
     assert damaged is not None
     assert not damaged.recent.times
+    for bad in (math.nan, math.inf):
+        record = bytearray(encode(state))
+        second = -8 * (RECENT_GRANTS - 1)
+        record[second : second + 8] = struct.pack("d", bad)  # the last kept time
+        damaged = decode(bytes(record))
+        assert damaged is not None
+        assert not damaged.recent.times, bad
 
 
 def test_a_slow_holder_of_the_lock_is_waited_for(tmp_path: Path) -> None:
