@@ -79,9 +79,9 @@ _MAX_DELAY = 0.5
 _MAX_SPREAD = 0.2
 _DELAY_SAMPLES = 256
 _MODEL_TTL = 60.0  # what was learned about the windows is forgotten after this long unused
-# Processes (and threads) read the clock before they wait for the shared state's lock, so a
-# transaction may carry a time a little older than the last one's. Only a step back further
-# than this means the wall clock was set, and what was learned no longer holds.
+# Every transaction reads the wall clock once it holds the state, so times only go back when
+# the clock is set (or slewed); a step back of up to this much is not worth forgetting what was
+# learned, and a larger one means it no longer holds.
 _CLOCK_SLACK = 1.0
 RECENT_GRANTS = 1024  # permit times kept for the sliding guard on even spacing (exact to 1024/s)
 _VIOLATION_SPAN = 10.0
@@ -785,8 +785,8 @@ class Pacer:
 
     def slow_down(self) -> None:
         """A 429 was seen: cut the rate (never below 5 % of the ceiling)."""
-        slot, now = _SLOT.get(), self._clock()
-        self._store.update(lambda s: note_rate_limited(s, slot, now))
+        slot, clock = _SLOT.get(), self._clock
+        self._store.update(lambda s: note_rate_limited(s, slot, clock()))
 
     def lower_ceiling(self, rate: float) -> None:
         """The server says the limit is lower than assumed."""
@@ -796,10 +796,10 @@ class Pacer:
 
     def absorb(self, facts: Facts) -> tuple[bool, bool]:
         """Learn from one answer: (whether it paused the key, whether windows are fixed)."""
-        now = self._clock()
+        clock = self._clock
 
         def take(s: BudgetState) -> tuple[bool, bool]:
-            return absorb(s, facts, now), s.fixed
+            return absorb(s, facts, clock()), s.fixed
 
         return self._store.update(take)
 

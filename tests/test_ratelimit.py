@@ -261,10 +261,10 @@ def test_state_expires_when_unused() -> None:
 
 
 def test_a_clock_read_just_before_the_last_transaction_keeps_what_was_learned() -> None:
-    """Each process (or thread) reads the clock before it waits for the shared state's lock, so
-    a transaction may carry a time a few milliseconds older than the last one's. That is no
-    wall clock set backwards, and must not throw the windows' model away (it did: evenly spaced
-    permits then followed a window's allotted burst, and the window got 21 of 20)."""
+    """A transaction may carry a time a few milliseconds older than the last one's (the clock
+    was once read before the lock; a clock may be slewed). That is no wall clock set backwards,
+    and must not throw the windows' model away (it did: evenly spaced permits then followed a
+    window's allotted burst, and the window got 21 of 20)."""
     terms = Terms(20.0, 0.02, 0.002, allot=True)
     state = BudgetState(fixed=True, limit=20, lo_date=-0.02, lo_reset=-0.01, hi=0.02, seen=1000.0)
     reserve(state, 999.99, terms)
@@ -331,8 +331,14 @@ def test_a_transaction_reads_the_clock_once_it_holds_the_state() -> None:
             return super().update(change)
 
     store = SlowStore()
-    anyio.run(Pacer(5.0, jitter=0.02, clock=clock, sleep=clock.sleep, store=store).acquire)
+    pacer = Pacer(5.0, jitter=0.02, clock=clock, sleep=clock.sleep, store=store)
+    anyio.run(pacer.acquire)
     assert store.state.recent.times[0] >= 1000.3
+    before = clock.now
+    pacer.slow_down()  # a 429's slow-down, too, is dated when it holds the state
+    assert store.state.adjusted == pytest.approx(before + 0.3)
+    pacer.absorb(answer(before, before, limit=5, remaining=4, reset=int(before) + 1))
+    assert store.state.seen == pytest.approx(before + 0.6)
 
 
 def test_an_allotted_permit_is_given_up_when_the_windows_stop_being_known_fixed() -> None:
