@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -734,6 +735,15 @@ def _parquet_checkpoint(snapshot: Snapshot, later: Iterator[pl.DataFrame], dest:
             writer.write_table(frame.to_arrow().cast(target))
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a block at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def sidecar_path(output: Path) -> Path:
     """Where the run's own facts (input fingerprint, summary) live beside the output."""
     return output.with_name(output.name + ".run.json")
@@ -851,6 +861,8 @@ class Recorder:
         """Write the result file and the sidecar (the input's fingerprint, the summary and any
         other ``facts`` of the run), upload them for an output in a store; the journal is then
         redundant and removed."""
+        if self._remote is not None:
+            self._remote.wait()  # a checkpoint under way reads the parts that finish() merges
         self._results.finish()
         sidecar = {"input": self._input_facts, "summary": summary.as_dict(), **facts}
         write_sidecar(self.output, sidecar)
@@ -1095,25 +1107,35 @@ class _Checkpoints:
                 self._pending.remove(path)
 
     def _checkpoint(self, snapshot: Snapshot) -> None:
-        """The result file so far, then a sidecar that says it is a checkpoint."""
+        """The result file so far and a sidecar that describes it, in two uploads.
+
+        The sidecar goes first, naming the result file by its hash: the store never holds a
+        result object newer than its sidecar, whenever the run is killed. Killed between the two
+        uploads, the sidecar names a checkpoint that never arrived, which its hash shows (the
+        earlier result object stays whole, and a rerun resumes from it and the reads).
+        """
         dest = self.output.with_name(f".{self.output.name}.checkpoint")
+        sidecar = self.output.with_name(f".{self.output.name}.checkpoint.run.json")
         started = time.monotonic()
         try:
             write_checkpoint(snapshot, self.output, dest)
-            self.mirror.put(dest, self.output)
             facts = {
                 "input": self.input_facts,
-                "checkpoint": {"rows": snapshot.rows, "at": _utc_now()},
+                "checkpoint": {
+                    "rows": snapshot.rows,
+                    "at": _utc_now(),
+                    "result_sha256": file_sha256(dest),
+                },
             }
-            sidecar = self.output.with_name(f".{self.output.name}.checkpoint.run.json")
             fd = open_private(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(json.dumps(facts, indent=2, sort_keys=True).encode() + b"\n")
             self.mirror.put(sidecar, sidecar_path(self.output))
+            self.mirror.put(dest, self.output)
             self._took = time.monotonic() - started
         finally:
             dest.unlink(missing_ok=True)
-            dest.with_name(f".{self.output.name}.checkpoint.run.json").unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
 
     def wait(self) -> None:
         """Let the uploads under way end."""

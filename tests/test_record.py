@@ -3,6 +3,7 @@ follow symbolic links; the Recorder keeps journal, results and counters in step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -156,6 +157,85 @@ def test_the_recorder_journals_sent_and_lasting_outcomes_and_counts_them(tmp_pat
     recorder.close(RunSummary(rows=3))
     assert read_results(output)["status"].to_list() == ["invalid", "updated", "not_sent"]
     assert sidecar_path(output).exists()
+
+
+class _Store:
+    """A store in memory, as :class:`~allo_batch.record.Mirror` sees one; ``refuse`` names an
+    object whose uploads fail (as when the run is killed before it goes up)."""
+
+    def __init__(self, folder: Path, refuse: str | None = None) -> None:
+        self.folder = folder
+        self.refuse = refuse
+        self.objects: dict[str, bytes] = {}
+        self.puts: list[str] = []
+
+    def put(self, local: Path, target: Path | None = None) -> None:
+        name = (target or local).relative_to(self.folder).as_posix()
+        if name == self.refuse:
+            raise UsageError(f"{name}: refused")
+        self.puts.append(name)
+        self.objects[name] = local.read_bytes()
+
+    def delete(self, local: Path) -> None:
+        self.objects.pop(local.relative_to(self.folder).as_posix(), None)
+
+    def names(self, local_folder: Path) -> list[str]:
+        return []
+
+    def problem(self) -> None:
+        return None
+
+
+def _checkpointed(store: _Store, output: Path, rows: int) -> Recorder:
+    """A recorder for a store output that settled ``rows`` rows and took one checkpoint."""
+    recorder = Recorder(output, {"rows": rows}, journaled=False, mirror=store, checkpoint_every=0)
+    for row in range(rows):
+        recorder.planned(
+            RowResult(
+                row=row,
+                call_id=f"cll-{row}",
+                template_key=None,
+                status="not_sent",
+                content_sha256="c" * 64,
+                reason="limit",
+            )
+        )
+    recorder.sync()
+    return recorder
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_checkpoints_sidecar_goes_up_first_and_names_its_result_file(
+    fmt: str, tmp_path: Path
+) -> None:
+    output = tmp_path / f"out.{fmt}"
+    store = _Store(tmp_path)
+    recorder = _checkpointed(store, output, 3)
+    recorder.close(RunSummary(rows=3))
+    sidecar = sidecar_path(output).name
+    assert store.puts == [sidecar, output.name, output.name, sidecar]
+    # The checkpoint's sidecar was checked when it went up: see the store below.
+    second = _Store(tmp_path / "again")
+    (tmp_path / "again").mkdir()
+    _checkpointed(second, tmp_path / "again" / f"out.{fmt}", 4).abandon()
+    claim = json.loads(second.objects[sidecar])["checkpoint"]
+    uploaded = second.objects[output.name]
+    assert claim["rows"] == 4
+    assert claim["result_sha256"] == hashlib.sha256(uploaded).hexdigest()
+
+
+def test_a_kill_between_a_checkpoints_uploads_leaves_the_sidecar_ahead(tmp_path: Path) -> None:
+    """The result file's upload fails (the run is killed then): the store's sidecar already
+    describes the checkpoint that never arrived, and says so by its hash."""
+    output = tmp_path / "out.csv"
+    store = _Store(tmp_path)
+    store.objects[output.name] = b"an earlier checkpoint"
+    store.refuse = output.name
+    _checkpointed(store, output, 2).abandon()
+    claim = json.loads(store.objects[sidecar_path(output).name])["checkpoint"]
+    assert claim["rows"] == 2
+    assert claim["result_sha256"] != hashlib.sha256(store.objects[output.name]).hexdigest()
+    assert store.objects[output.name] == b"an earlier checkpoint"
 
 
 @pytest.mark.parametrize("which", ["journal", "lock", "sidecar"])
