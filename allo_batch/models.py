@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -110,13 +111,51 @@ def content_sha256(content: str | None) -> str:
 def content_sha256_column(contents: pl.Series) -> pl.Series:
     """:func:`content_sha256` of every value of a column, as a ``content_sha256`` column.
 
-    The one per-row Python step left in planning (hashlib releases the GIL only for long
-    inputs): the values come out as UTF-8 bytes in one call, and the loop is kept bare."""
+    Hashed in Rust by the ``polars-hash`` plugin where it works (a third of hashlib's time on
+    short rows, outside the GIL); else, one row at a time in Python."""
     import polars as pl
 
+    native = _native_sha256(contents.fill_null(""))
+    if native is not None:
+        return native.alias("content_sha256")
     sha256 = hashlib.sha256
     encoded = contents.fill_null("").cast(pl.Binary).to_list()
     return pl.Series("content_sha256", [sha256(value).hexdigest() for value in encoded], pl.String)
+
+
+def _native_sha256(contents: pl.Series) -> pl.Series | None:
+    plugin = _sha256_plugin()
+    if plugin is None:
+        return None
+    try:
+        return _plugin_sha256(plugin, contents)
+    except Exception:  # whatever a mismatched plugin raises: hashlib does it
+        return None
+
+
+_PROBE: Final = ("", "a", "é日本 ✓", "x" * 70_000)
+
+
+@functools.cache
+def _sha256_plugin() -> Any:
+    """The ``polars_hash`` module, if it imports and hashes as hashlib does: a compiled plugin
+    can break with a polars release it was not built for, so it is checked once a process."""
+    import polars as pl
+
+    try:
+        import polars_hash
+
+        probe = _plugin_sha256(polars_hash, pl.Series("content", _PROBE, pl.String))
+        agrees = probe.to_list() == [content_sha256(value) for value in _PROBE]
+    except Exception:  # ImportError, or whatever a mismatched plugin raises
+        return None
+    return polars_hash if agrees else None
+
+
+def _plugin_sha256(polars_hash: Any, contents: pl.Series) -> pl.Series:
+    name = contents.name or "content"
+    frame = contents.rename(name).to_frame()
+    return frame.select(polars_hash.col(name).chash.sha2_256()).to_series()
 
 
 @dataclass(frozen=True, slots=True)

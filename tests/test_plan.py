@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from allo_batch import models
 from allo_batch.models import (
     PlannedRequest,
     RowResult,
@@ -109,11 +114,56 @@ def test_the_body_leaves_out_an_empty_template_and_keeps_unicode() -> None:
     assert request_body("é ✓", None) == '{"content":"é ✓"}'.encode()
 
 
-def test_a_batch_hashes_each_content_as_one_row_would() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["polars-hash", "hashlib"])
+def test_a_batch_hashes_each_content_as_one_row_would(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The column of hashes a batch gets is the hash each row's content gets alone: non-ASCII
-    text as its UTF-8 bytes, a missing content as the empty string."""
-    contents = ["Résumé 📞", "", None, "x" * 5000, "line\nbreak"]
+    text as its UTF-8 bytes, a missing content as the empty string; with the plugin and
+    without it (as where it is missing, or broken by a polars release)."""
+    if native:
+        assert models._sha256_plugin() is not None, "polars-hash is installed and agrees"
+    else:
+        monkeypatch.setattr(models, "_sha256_plugin", lambda: None)
+    contents = ["Résumé 📞", "", None, "x" * 5000, "line\nbreak", "\x00nul", "tab\t\r\n"]
     column = content_sha256_column(pl.Series("content", contents, pl.String))
     assert column.name == "content_sha256"
+    assert column.dtype == pl.String
     assert column.to_list() == [content_sha256(c) for c in contents]
     assert column[0] == hashlib.sha256("Résumé 📞".encode()).hexdigest()
+
+
+@given(st.lists(st.none() | st.text(st.characters(exclude_categories=["Cs"])), max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_the_plugin_hashes_any_text_as_hashlib_does(contents: list[str | None]) -> None:
+    column = content_sha256_column(pl.Series("content", contents, pl.String))
+    assert column.to_list() == [content_sha256(c) for c in contents]
+
+
+def test_a_plugin_that_fails_leaves_the_hashing_to_hashlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin that imports but raises (a polars release it was not built for) is not used."""
+
+    class Broken:
+        @staticmethod
+        def col(name: str) -> Any:
+            raise pl.exceptions.ComputeError("plugin ABI mismatch")
+
+    monkeypatch.setattr(models, "_sha256_plugin", lambda: Broken)
+    column = content_sha256_column(pl.Series("content", ["a", None], pl.String))
+    assert column.to_list() == [content_sha256("a"), content_sha256("")]
+
+
+def test_a_plugin_that_hashes_otherwise_than_hashlib_is_never_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The once-a-process check: a plugin whose hashes differ from hashlib's is turned off."""
+    models._sha256_plugin.cache_clear()
+    monkeypatch.setattr(
+        models, "_plugin_sha256", lambda plugin, values: pl.Series(["0" * 64] * len(values))
+    )
+    try:
+        assert models._sha256_plugin() is None
+        column = content_sha256_column(pl.Series("content", ["a"], pl.String))
+        assert column.to_list() == [content_sha256("a")]
+    finally:
+        models._sha256_plugin.cache_clear()
