@@ -72,15 +72,18 @@ def results(draw: st.DrawFn) -> list[RowResult]:
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(rows=results())
+@given(rows=results(), snapshots=st.sets(st.integers(0, 25)), data=st.data())
 def test_any_result_file_round_trips_in_every_format(
-    fmt: str, rows: list[RowResult], tmp_path: Path
+    fmt: str, rows: list[RowResult], snapshots: set[int], data: st.DataObject, tmp_path: Path
 ) -> None:
-    """What the writer writes, in any order, the reader reads back in input order, exactly."""
+    """What the writer writes, in any order, the reader reads back in input order, exactly;
+    also when checkpoints took snapshots along the way (a Parquet file then has parts)."""
     output = tmp_path / f"results.{fmt}"
     writer = OrderedResults(output)
-    for result in reversed(rows):
+    for index, result in enumerate(data.draw(st.permutations(rows))):
         writer.add(result)
+        if index in snapshots:
+            assert writer.snapshot().rows == index + 1
     writer.finish()
     frame = read_results(output)
     assert frame.columns == list(RESULT_COLUMNS)
