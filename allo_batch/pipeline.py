@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -61,7 +62,14 @@ from allo_batch.models import (
     RowResult,
     RunSummary,
 )
-from allo_batch.plan import Planned, PlannedBatch, attach_done, plan_batch, plan_frame
+from allo_batch.plan import (
+    Planned,
+    PlannedBatch,
+    attach_done,
+    plan_batch,
+    plan_frame,
+    with_content_hashes,
+)
 from allo_batch.preview import Change, Preview, preview_schema, similarity
 from allo_batch.read import (
     Fingerprinter,
@@ -70,6 +78,7 @@ from allo_batch.read import (
     iter_batches,
     key_batches,
     open_input,
+    read_ahead,
 )
 from allo_batch.record import (
     BeforeImages,
@@ -120,7 +129,9 @@ class _Prepared:
     ) -> Iterator[PlannedBatch]:
         """Each input batch, validated and planned as frames (``dry_run``: what would be
         sent is settled too, as when a dry run reads nothing)."""
-        for batch in iter_batches(self.source, config.batch_size):
+        # Hashing goes with reading, in the thread that reads ahead: it has the time to spare.
+        read = map(with_content_hashes, iter_batches(self.source, config.batch_size))
+        for batch in read_ahead(read):
             checked = attach_done(validate_batch(batch, self.duplicates), self.done)
             yield plan_frame(checked, limit=config.limit, dry_run=dry_run)
 
@@ -256,19 +267,28 @@ def _make_folder(folder: Path) -> None:
 def survey(
     source: InputSource, batch_size: int, limit: int | None = None
 ) -> tuple[InputFingerprint, Duplicates]:
-    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
-
-    One key-only pass gives the fingerprint and every row's target hash; a second pass, only
-    when some hash repeats, reads the rows involved and compares them on the real strings.
-    """
+    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows)."""
     prints = Fingerprinter(source.path, source.origin)
+    duplicates = _duplicates(source, batch_size, limit, prints)
+    return prints.result(), duplicates
+
+
+def _duplicates(
+    source: InputSource, batch_size: int, limit: int | None, prints: Fingerprinter | None
+) -> Duplicates:
+    """The input's duplicate rows (of the first ``limit`` rows), and into ``prints`` its keys.
+
+    One key-only pass gives every row's target hash; a second pass, only when some hash
+    repeats, reads the rows involved and compares them on the real strings.
+    """
     hashes = []
-    for frame in key_batches(source, batch_size):
-        prints.add(frame)
+    for frame in read_ahead(key_batches(source, batch_size)):
+        if prints is not None:
+            prints.add(frame)
         hashes.append(target_hashes(frame))
     candidates = repeated_hashes(hashes)
     del hashes
-    return prints.result(), find_duplicates(iter_batches(source, batch_size, limit), candidates)
+    return find_duplicates(iter_batches(source, batch_size, limit), candidates)
 
 
 def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Prepared:
@@ -656,24 +676,42 @@ async def _produce(
     sender: Sender | None = None,
 ) -> None:
     """Walk the planned batches in order: each batch's settled rows go to the recorder as one
-    frame, its requests down the stream (once the run stops, to the recorder as not sent)."""
+    frame, its requests down the stream (once the run stops, to the recorder as not sent).
+
+    The next batch is read and planned in a thread of its own while this one is recorded and
+    handed on: both are mostly polars and pyarrow, which let go of the GIL, so a dry run keeps
+    two cores busy. One batch ahead, no more: memory holds two batches at most.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="allo-batch-plan") as planner:
+        ahead = planner.submit(next, batches, None)
+        while True:
+            planned = await anyio.to_thread.run_sync(ahead.result)
+            if planned is None:
+                return
+            ahead = planner.submit(next, batches, None)
+            await _hand_on(planned, recorder, send, sender)
+
+
+async def _hand_on(
+    planned: PlannedBatch,
+    recorder: Recorder,
+    send: MemoryObjectSendStream[PlannedRequest] | None,
+    sender: Sender | None,
+) -> None:
+    """One planned batch: its settled rows to the recorder, its requests down the stream."""
     from allo_batch.send import not_sent
 
-    while True:
-        planned = await anyio.to_thread.run_sync(next, batches, None)
-        if planned is None:
-            return
-        recorder.batch(planned.first_row, planned.end_row, planned.settled, len(planned.requests))
-        for item in planned.requests:
-            if send is None:
-                recorder.planned(dry_run_result(item))
-            elif sender is not None and sender.stopping:
-                recorder.planned(not_sent(item, sender.stop_message()))
-            else:
-                try:
-                    send.send_nowait(item)
-                except anyio.WouldBlock:
-                    await send.send(item)
+    recorder.batch(planned.first_row, planned.end_row, planned.settled, len(planned.requests))
+    for item in planned.requests:
+        if send is None:
+            recorder.planned(dry_run_result(item))
+        elif sender is not None and sender.stopping:
+            recorder.planned(not_sent(item, sender.stop_message()))
+        else:
+            try:
+                send.send_nowait(item)
+            except anyio.WouldBlock:
+                await send.send(item)
 
 
 async def _watch_signals(sender: Sender) -> None:
@@ -788,8 +826,8 @@ def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck
     )
     found = InputCheck(cast(Path, config.input))  # an object shows its URI
     wanted: dict[int, str | None] = {}
-    _identity, duplicates = survey(source, config.batch_size)
-    for batch in iter_batches(source, config.batch_size):
+    duplicates = _duplicates(source, config.batch_size, None, None)  # no fingerprint to keep
+    for batch in read_ahead(iter_batches(source, config.batch_size)):
         checked = validate_batch(batch, duplicates)
         found.rows += checked.height
         found.repeats += int(checked[REPEAT_OF].is_not_null().sum())

@@ -40,14 +40,15 @@ def request_body(content: str, template_key: str | None) -> bytes:
 
 
 def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
-    """Add the content hash and, where this exact content already landed, its version.
+    """Add the content hash (unless :func:`with_content_hashes` did already) and, where this
+    exact content already landed, its version.
 
     ``done`` is keyed by ``DONE_KEYS`` (``record.done_keys`` of the landed rows), so a batch
     computes the same key for its rows and joins on it.
     """
     import polars as pl
 
-    hashed = batch.with_columns(content_sha256_column(batch.get_column("content")))
+    hashed = batch if "content_sha256" in batch.columns else with_content_hashes(batch)
     if done.height == 0:
         return hashed.with_columns(
             pl.lit(False).alias("done"),
@@ -73,6 +74,11 @@ def attach_done(batch: pl.DataFrame, done: pl.DataFrame) -> pl.DataFrame:
         .drop(keys)
         .with_columns(pl.col("done").fill_null(False))
     )
+
+
+def with_content_hashes(batch: pl.DataFrame) -> pl.DataFrame:
+    """A batch of read rows with the ``content_sha256`` of each row's content."""
+    return batch.with_columns(content_sha256_column(batch.get_column("content")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,11 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat
 from allo_batch.errors import InputError
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     import polars as pl
 
     from allo_batch.storage import ObjectUri, StorageOptions
+
+T = TypeVar("T")
 
 # pyarrow's readers parse blocks of this many bytes (in parallel) and hold a few. A row larger
 # than a block is read again with blocks twice as large, up to the largest.
@@ -196,6 +199,20 @@ def iter_batches(
             batch = batch.head(left)
             left -= batch.height
         yield batch
+
+
+_END: Final = object()
+
+
+def read_ahead(batches: Iterator[T]) -> Iterator[T]:
+    """``batches``, each read in a thread of its own while the caller works on the one before
+    (pyarrow's readers let go of the GIL while they parse, as polars does while it checks and
+    hashes): one batch ahead, no more. An error of the reader comes out where it did."""
+    with ThreadPoolExecutor(1, thread_name_prefix="allo-batch-read") as reader:
+        ahead = reader.submit(next, batches, _END)
+        while (batch := ahead.result()) is not _END:
+            ahead = reader.submit(next, batches, _END)
+            yield cast(T, batch)
 
 
 def shaped_batches(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from allo_batch.cli import cli
 from allo_batch.constants import MAX_CONTENT_CHARS, TEMPLATE_KEYS
 from allo_batch.errors import InputError
 from allo_batch.models import FIELDS
-from allo_batch.read import iter_batches, open_input
+from allo_batch.read import iter_batches, open_input, read_ahead
 from allo_batch.validate import duplicates_in, validate_batch
 
 # The columns of a read batch that these tests look at (a batch may carry more fields).
@@ -433,3 +434,28 @@ def test_a_duplicate_message_quotes_the_call_id_cut_short() -> None:
     assert checked["message"][0] == (
         f"rows 0, 1 give call '{call_id[:40]}'… (template (none)) different content"
     )
+
+
+def test_reading_ahead_keeps_the_order_stays_one_batch_ahead_and_raises_where_the_reader_did() -> (
+    None
+):
+    """``read_ahead`` hands on every batch in order, asks the reader for one batch beyond the
+    one handed on and no more, and an error of the reader comes out after the batches before
+    it, as the error it was."""
+    asked: list[int] = []
+
+    def reader() -> Iterator[int]:
+        for batch in range(5):
+            asked.append(batch)
+            if batch == 3:
+                raise InputError("in.csv: line 4: bad")
+            yield batch
+
+    got = []
+    with pytest.raises(InputError, match="line 4"):
+        for batch in read_ahead(reader()):
+            got.append(batch)
+            assert max(asked) <= batch + 1  # (waited for: the thread is one batch ahead)
+    assert got == [0, 1, 2]
+    assert asked == [0, 1, 2, 3]
+    assert list(read_ahead(iter(()))) == []
