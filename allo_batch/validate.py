@@ -146,12 +146,7 @@ def validate_batch(batch: pl.DataFrame, duplicates: Duplicates) -> pl.DataFrame:
     import polars as pl
 
     checked = batch.with_columns(normalized_template()).with_columns(issue_code())
-    checked = checked.with_columns(
-        pl.when(pl.col(CODE).is_not_null())
-        .then(issue_message())
-        .otherwise(pl.lit(None, dtype=pl.String))
-        .alias(MESSAGE)
-    )
+    checked = checked.with_columns(_messages(checked))
     marks = duplicates.frame
     if marks.height == 0:
         return checked.with_columns(pl.lit(None, dtype=pl.Int64).alias(REPEAT_OF))
@@ -161,6 +156,19 @@ def validate_batch(batch: pl.DataFrame, duplicates: Duplicates) -> pl.DataFrame:
         pl.when(conflict).then(pl.lit(DUPLICATE_ROW)).otherwise(pl.col(CODE)).alias(CODE),
         pl.when(conflict).then(pl.col("dup_message")).otherwise(pl.col(MESSAGE)).alias(MESSAGE),
     ).drop("dup_message")
+
+
+def _messages(checked: pl.DataFrame) -> pl.Series:
+    """The message of each invalid row, null for the others. Worked out for the invalid rows
+    alone: a ``when`` would build (and escape) a message for every row, then drop most."""
+    import polars as pl
+
+    invalid = checked.get_column(CODE).is_not_null()
+    messages = pl.repeat(None, checked.height, dtype=pl.String, eager=True).alias(MESSAGE)
+    if not invalid.any():
+        return messages
+    said = checked.filter(invalid).select(issue_message()).to_series()
+    return messages.scatter(invalid.arg_true(), said)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +181,15 @@ class Duplicates:
     def conflicting(self) -> int:
         """How many rows are invalid because their target is given different content."""
         return int(self.frame["dup_message"].is_not_null().sum()) if self.frame.height else 0
+
+
+def no_duplicates() -> Duplicates:
+    """:class:`Duplicates` of an input where no target repeats."""
+    import polars as pl
+
+    return Duplicates(
+        pl.DataFrame(schema={ROW: pl.Int64, "dup_message": pl.String, REPEAT_OF: pl.Int64})
+    )
 
 
 def key_hash() -> pl.Expr:
@@ -229,9 +246,8 @@ def find_duplicates(batches: Iterable[pl.DataFrame], candidates: pl.Series) -> D
         for batch in (batches if candidates.len() else ())
     ]
     involved = pl.concat(kept) if kept else pl.DataFrame()
-    empty = pl.DataFrame(schema={ROW: pl.Int64, "dup_message": pl.String, REPEAT_OF: pl.Int64})
     if involved.height == 0:
-        return Duplicates(empty)
+        return no_duplicates()
     target = ["call_id", "template_key"]
     groups = involved.group_by(target).agg(
         pl.col(ROW).sort().alias("rows"), pl.col("content_hash").n_unique().alias("contents")
