@@ -93,6 +93,7 @@ from allo_batch.storage import ObjectUri, output_place, scratch_folder
 from allo_batch.validate import (
     Duplicates,
     find_duplicates,
+    no_duplicates,
     repeated_hashes,
     target_hashes,
     validate_batch,
@@ -267,28 +268,19 @@ def _make_folder(folder: Path) -> None:
 def survey(
     source: InputSource, batch_size: int, limit: int | None = None
 ) -> tuple[InputFingerprint, Duplicates]:
-    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows)."""
-    prints = Fingerprinter(source.path, source.origin)
-    duplicates = _duplicates(source, batch_size, limit, prints)
-    return prints.result(), duplicates
+    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
 
-
-def _duplicates(
-    source: InputSource, batch_size: int, limit: int | None, prints: Fingerprinter | None
-) -> Duplicates:
-    """The input's duplicate rows (of the first ``limit`` rows), and into ``prints`` its keys.
-
-    One key-only pass gives every row's target hash; a second pass, only when some hash
-    repeats, reads the rows involved and compares them on the real strings.
+    One key-only pass gives the fingerprint and every row's target hash; a second pass, only
+    when some hash repeats, reads the rows involved and compares them on the real strings.
     """
+    prints = Fingerprinter(source.path, source.origin)
     hashes = []
     for frame in read_ahead(key_batches(source, batch_size)):
-        if prints is not None:
-            prints.add(frame)
+        prints.add(frame)
         hashes.append(target_hashes(frame))
     candidates = repeated_hashes(hashes)
     del hashes
-    return find_duplicates(iter_batches(source, batch_size, limit), candidates)
+    return prints.result(), find_duplicates(iter_batches(source, batch_size, limit), candidates)
 
 
 def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Prepared:
@@ -821,14 +813,33 @@ def check_input(config: JobConfig, *, show: int = 5) -> InputCheck:
 
 
 def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck:
+    """One pass when no target repeats (most inputs): each row is checked as it is read, and
+    its target hashed. Only when a hash repeats are the rows involved compared, and the input
+    checked again with its duplicates known."""
     source = open_input(
         config.input, config.format, config.columns, storage=config.storage_options, spool=spool
     )
+    found, wanted, hashes = _check_rows(config, source, show, no_duplicates())
+    candidates = repeated_hashes(hashes)
+    del hashes
+    duplicates = find_duplicates(iter_batches(source, config.batch_size), candidates)
+    if duplicates.frame.height:
+        found, wanted, _ = _check_rows(config, source, show, duplicates)
+    # People look for a line in the file, not a record number: where each shown row starts.
+    found.lines = line_numbers(source, wanted)
+    return found
+
+
+def _check_rows(
+    config: JobConfig, source: InputSource, show: int, duplicates: Duplicates
+) -> tuple[InputCheck, dict[int, str | None], list[pl.Series]]:
+    """Every row checked: the counts, the rows to show (with their ids) and the target hashes."""
     found = InputCheck(cast(Path, config.input))  # an object shows its URI
     wanted: dict[int, str | None] = {}
-    duplicates = _duplicates(source, config.batch_size, None, None)  # no fingerprint to keep
+    hashes = []
     for batch in read_ahead(iter_batches(source, config.batch_size)):
         checked = validate_batch(batch, duplicates)
+        hashes.append(target_hashes(checked))
         found.rows += checked.height
         found.repeats += int(checked[REPEAT_OF].is_not_null().sum())
         invalid = checked.filter(checked[CODE].is_not_null()).select(
@@ -841,9 +852,7 @@ def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck
                 shown.append((row, message))
                 wanted[row] = call_id
     found.invalid = sum(found.codes.values())
-    # People look for a line in the file, not a record number: where each shown row starts.
-    found.lines = line_numbers(source, wanted)
-    return found
+    return found, wanted, hashes
 
 
 def preview_input(

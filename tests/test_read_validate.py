@@ -334,6 +334,57 @@ def test_duplicates_are_found_across_batches_and_files_of_any_size(tmp_path: Pat
     assert found["dup_message"].null_count() == 1
 
 
+_CHECKED_ROWS = [
+    ("cll-1", None, "a"),
+    ("cll-2", None, "b"),
+    ("msg-4", None, "c"),  # not a call: INVALID_ITEM_ID
+    ("cll-5", None, "  "),  # blank: INVALID_REQUEST_BODY
+    ("cll-6", "BAD", "z"),  # unknown template: INVALID_REQUEST_BODY
+    ("cll-7", "MARKDOWN_CLASSIC", "m"),
+]
+_REPEATING_ROWS = [
+    ("cll-1", None, "a"),  # repeats row 0
+    ("cll-3", "", "x"),
+    ("cll-3", " ", "y"),  # conflicts with the row before (the same target): both invalid
+    ("msg-4", None, "c"),  # invalid twice: not a duplicate
+    ("cll-7", "MARKDOWN_CLASSIC", "m"),  # repeats row 5
+]
+
+
+@pytest.mark.parametrize("batch_size", [2, 1000])
+@pytest.mark.parametrize("repeating", [False, True], ids=["no-target-repeats", "repeats"])
+def test_validate_counts_what_a_run_would_find_with_or_without_repeated_targets(
+    tmp_path: Path, batch_size: int, repeating: bool
+) -> None:
+    """``validate`` checks in one pass when no target repeats, and checks again once the
+    duplicates are known when some do: either way its counts and examples are what validating
+    the whole input at once gives."""
+    from allo_batch.config import JobConfig
+    from allo_batch.pipeline import check_input
+
+    rows = _CHECKED_ROWS + (_REPEATING_ROWS if repeating else [])
+    frame = pl.DataFrame(rows, schema=["call_id", "template_key", "content"], orient="row")
+    path = tmp_path / "in.csv"
+    frame.write_csv(path)
+    whole = frame.with_row_index("row").with_columns(
+        pl.col("row").cast(pl.Int64), pl.lit(None, pl.String).alias("expected_sha256")
+    )
+    reference = validate_batch(whole, duplicates_in(whole))
+    found = check_input(JobConfig(input=path, batch_size=batch_size), show=1)
+    codes = reference.filter(pl.col("error_code").is_not_null())
+    assert found.rows == len(rows)
+    assert found.codes == dict(codes.group_by("error_code").len().iter_rows())
+    assert found.invalid == codes.height
+    assert found.repeats == reference["repeat_of"].is_not_null().sum()
+    first = codes.group_by("error_code", maintain_order=True).first()
+    assert found.examples == {
+        code: [(row, message)]
+        for row, code, message in first.select("row", "error_code", "message").iter_rows()
+    }
+    assert found.repeats == (2 if repeating else 0)
+    assert ("DUPLICATE_ROW" in found.codes) == repeating
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
