@@ -130,9 +130,13 @@ class _Prepared:
     ) -> Iterator[PlannedBatch]:
         """Each input batch, validated and planned as frames (``dry_run``: what would be
         sent is settled too, as when a dry run reads nothing)."""
-        # Hashing goes with reading, in the thread that reads ahead: it has the time to spare.
-        read = map(with_content_hashes, iter_batches(self.source, config.batch_size))
-        for batch in read_ahead(read):
+        read: Iterator[pl.DataFrame] = iter_batches(self.source, config.batch_size)
+        if dry_run:
+            # Nothing waits for the API: the next batch is read, and its content hashed, in a
+            # thread ahead of planning. (A run waits for its writes: reading ahead would only
+            # hold one more batch in memory.)
+            read = read_ahead(map(with_content_hashes, read))
+        for batch in read:
             checked = attach_done(validate_batch(batch, self.duplicates), self.done)
             yield plan_frame(checked, limit=config.limit, dry_run=dry_run)
 
@@ -670,10 +674,14 @@ async def _produce(
     """Walk the planned batches in order: each batch's settled rows go to the recorder as one
     frame, its requests down the stream (once the run stops, to the recorder as not sent).
 
-    The next batch is read and planned in a thread of its own while this one is recorded and
-    handed on: both are mostly polars and pyarrow, which let go of the GIL, so a dry run keeps
-    two cores busy. One batch ahead, no more: memory holds two batches at most.
+    Without a stream (a dry run that reads nothing), the next batch is planned in a thread of
+    its own while this one is recorded: both are mostly polars and pyarrow, which let go of the
+    GIL, so the two cores are kept busy. One batch ahead, no more.
     """
+    if send is not None:  # the writes set the pace: planning ahead would only hold memory
+        while (planned := await anyio.to_thread.run_sync(next, batches, None)) is not None:
+            await _hand_on(planned, recorder, send, sender)
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="allo-batch-plan") as planner:
         ahead = planner.submit(next, batches, None)
         while True:
