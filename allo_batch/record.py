@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -584,14 +583,17 @@ class OrderedResults:
         os.replace(self.temp, self.output)
 
     def abandon(self) -> None:
-        """Drop the temporary files (the journal keeps what landed)."""
-        self._close_part()
+        """Drop the temporary files (the journal keeps what landed). A part that cannot be
+        closed (a full disk) is dropped all the same: the error that stopped the run is the
+        one to tell."""
+        with contextlib.suppress(Exception):
+            self._close_part()
         self._discard_leftovers()
 
     def _close_part(self) -> None:
-        if self._part is not None:
-            self._part.close()
-            self._part = None
+        part, self._part = self._part, None
+        if part is not None:
+            part.close()
 
     def _discard_leftovers(self) -> None:
         with contextlib.suppress(OSError):
@@ -647,7 +649,8 @@ class _PartWriter:
         self._writer = _parquet_writer(self._file, schema)
 
     def write(self, frame: pl.DataFrame) -> None:
-        self._writer.write_table(frame.to_arrow().cast(self._writer.schema))
+        if frame.height:  # (the schema is written at the close, rows or not)
+            self._writer.write_table(frame.to_arrow().cast(self._writer.schema))
 
     def close(self) -> None:
         try:
@@ -818,15 +821,6 @@ def _parquet_checkpoint(snapshot: Snapshot, later: Iterator[pl.DataFrame], dest:
             writer.write_table(frame.to_arrow().cast(target))
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read a block at a time."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_COPY_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sidecar_path(output: Path) -> Path:
     """Where the run's own facts (input fingerprint, summary) live beside the output."""
     return output.with_name(output.name + ".run.json")
@@ -947,6 +941,10 @@ class Recorder:
             self._remote.wait()  # a checkpoint under way reads the parts that finish() merges
         self._results.finish()
         sidecar = {"input": self._input_facts, "summary": summary.as_dict(), **facts}
+        if self._remote is not None:  # uploaded before the result file, which it names
+            from allo_batch.storage import file_sha256
+
+            sidecar["result_sha256"] = file_sha256(self.output)
         write_sidecar(self.output, sidecar)
         if self._remote is not None:
             try:
@@ -1191,11 +1189,13 @@ class _Checkpoints:
     def _checkpoint(self, snapshot: Snapshot) -> None:
         """The result file so far and a sidecar that describes it, in two uploads.
 
-        The sidecar goes first, naming the result file by its hash: the store never holds a
-        result object newer than its sidecar, whenever the run is killed. Killed between the two
-        uploads, the sidecar names a checkpoint that never arrived, which its hash shows (the
-        earlier result object stays whole, and a rerun resumes from it and the reads).
+        The sidecar goes first, naming the result file by its hash (as at the end): the store
+        never holds a result object newer than its sidecar, whenever the run is killed. Killed
+        between the two uploads, the sidecar names a result file that never arrived; the next
+        run says so (``storage.RemoteOutput``) and resumes from the earlier one and the reads.
         """
+        from allo_batch.storage import file_sha256
+
         dest = self.output.with_name(f".{self.output.name}.checkpoint")
         sidecar = self.output.with_name(f".{self.output.name}.checkpoint.run.json")
         started = time.monotonic()
@@ -1203,11 +1203,8 @@ class _Checkpoints:
             write_checkpoint(snapshot, self.output, dest)
             facts = {
                 "input": self.input_facts,
-                "checkpoint": {
-                    "rows": snapshot.rows,
-                    "at": _utc_now(),
-                    "result_sha256": file_sha256(dest),
-                },
+                "checkpoint": {"rows": snapshot.rows, "at": _utc_now()},
+                "result_sha256": file_sha256(dest),
             }
             fd = open_private(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(fd, "wb") as handle:
@@ -1244,8 +1241,8 @@ class _Checkpoints:
             for name in sorted(present):
                 if name.endswith(".chunk.parquet") and name.split(".", 1)[0] in runs:
                     self.mirror.delete(folder / name)
+        self.mirror.put(sidecar_path(self.output))  # first, naming the result file: see above
         self.mirror.put(self.output)
-        self.mirror.put(sidecar_path(self.output))
         if folder.is_dir():  # customer content: kept in the bucket, not left on this disk
             for merged in folder.glob("*.parquet"):
                 if not merged.name.endswith(".chunk.parquet"):

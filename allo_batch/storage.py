@@ -740,8 +740,24 @@ class RemoteOutput:
         self.store.download(self.output, self.local)
         if self.store.exists(self.remote(sidecar)):
             self.store.download(self.remote(sidecar), sidecar)
+            self._check_pair(sidecar)
         else:
             sidecar.unlink(missing_ok=True)
+
+    def _check_pair(self, sidecar: Path) -> None:
+        """Say so when the sidecar names another result file than the one in the store: a run
+        was killed between the sidecar's upload and its result file's (see record.py)."""
+        try:
+            named = json.loads(sidecar.read_text()).get("result_sha256")
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(named, str) and named != file_sha256(self.local):
+            log.warning(
+                "%s names a result file that is not the one in the store: a run stopped between "
+                "the two uploads. Resuming from the result file there; rows that landed after "
+                "it are read (or written) again",
+                self.remote(sidecar),
+            )
 
     def put(self, local: Path, target: Path | None = None) -> None:
         """Upload ``local`` whole to the object that mirrors ``target`` (default: itself)."""
@@ -765,6 +781,15 @@ class RemoteOutput:
         """Release the lock and drop the spooled input."""
         self.lock.release()
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a block at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import get_args
 
@@ -204,40 +205,44 @@ def _checkpointed(store: _Store, output: Path, rows: int) -> Recorder:
             )
         )
     recorder.sync()
+    deadline = time.monotonic() + 10  # the checkpoint goes up in a thread of its own
+    while len(store.puts) < 2 and store.refuse is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     return recorder
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_checkpoints_sidecar_goes_up_first_and_names_its_result_file(
-    fmt: str, tmp_path: Path
-) -> None:
+def test_a_sidecar_goes_up_before_its_result_file_and_names_it(fmt: str, tmp_path: Path) -> None:
+    """At a checkpoint and at the end alike: the sidecar first, naming the result file by
+    hash, so the store never holds a result file newer than its sidecar."""
     output = tmp_path / f"out.{fmt}"
     store = _Store(tmp_path)
     recorder = _checkpointed(store, output, 3)
-    recorder.close(RunSummary(rows=3))
     sidecar = sidecar_path(output).name
-    assert store.puts == [sidecar, output.name, output.name, sidecar]
-    # The checkpoint's sidecar was checked when it went up: see the store below.
-    second = _Store(tmp_path / "again")
-    (tmp_path / "again").mkdir()
-    _checkpointed(second, tmp_path / "again" / f"out.{fmt}", 4).abandon()
-    claim = json.loads(second.objects[sidecar])["checkpoint"]
-    uploaded = second.objects[output.name]
-    assert claim["rows"] == 4
-    assert claim["result_sha256"] == hashlib.sha256(uploaded).hexdigest()
+    checkpoint = json.loads(store.objects[sidecar])
+    assert checkpoint["checkpoint"]["rows"] == 3
+    assert checkpoint["result_sha256"] == hashlib.sha256(store.objects[output.name]).hexdigest()
+    recorder.close(RunSummary(rows=3))
+    assert store.puts == [sidecar, output.name, sidecar, output.name]
+    final = json.loads(store.objects[sidecar])
+    assert final["summary"]["rows"] == 3
+    assert final["result_sha256"] == hashlib.sha256(store.objects[output.name]).hexdigest()
+    assert store.objects[output.name] == output.read_bytes()
 
 
-def test_a_kill_between_a_checkpoints_uploads_leaves_the_sidecar_ahead(tmp_path: Path) -> None:
+def test_a_kill_between_the_two_uploads_leaves_a_sidecar_that_names_another_file(
+    tmp_path: Path,
+) -> None:
     """The result file's upload fails (the run is killed then): the store's sidecar already
-    describes the checkpoint that never arrived, and says so by its hash."""
+    describes the checkpoint that never arrived, and its hash says so."""
     output = tmp_path / "out.csv"
     store = _Store(tmp_path)
     store.objects[output.name] = b"an earlier checkpoint"
     store.refuse = output.name
     _checkpointed(store, output, 2).abandon()
-    claim = json.loads(store.objects[sidecar_path(output).name])["checkpoint"]
-    assert claim["rows"] == 2
-    assert claim["result_sha256"] != hashlib.sha256(store.objects[output.name]).hexdigest()
+    facts = json.loads(store.objects[sidecar_path(output).name])
+    assert facts["checkpoint"]["rows"] == 2
+    assert facts["result_sha256"] != hashlib.sha256(store.objects[output.name]).hexdigest()
     assert store.objects[output.name] == b"an earlier checkpoint"
 
 

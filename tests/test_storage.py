@@ -495,6 +495,30 @@ def test_a_lock_left_by_a_dead_run_or_a_silent_host_is_taken_over(
     assert "left by pid 1 on elsewhere" in later.output
 
 
+def test_a_sidecar_names_its_result_file_and_a_pair_that_does_not_match_is_said(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """The sidecar goes up first and names the result file by hash, so a run killed between
+    the two uploads leaves a pair that says so; the next run tells which one it resumes."""
+    uri = bucket.put(write_local(corrections(6), tmp_path / "in.csv"), "in.csv")
+    first = run_here([uri, "-o", bucket.uri("out.csv"), "--dry-run"])
+    assert first.exit_code == 0, first.output
+    sidecar = json.loads(bucket.read("out.csv.run.json"))
+    assert sidecar["result_sha256"] == hashlib.sha256(bucket.read("out.csv")).hexdigest()
+    again = run_here([uri, "-o", bucket.uri("out.csv"), "--dry-run"])
+    assert again.exit_code == 0, again.output
+    assert "names a result file" not in again.output
+    # As if killed after the sidecar of a later upload went up, before its result file did.
+    sidecar["result_sha256"] = "0" * 64
+    (tmp_path / "sidecar.json").write_text(json.dumps(sidecar))
+    bucket.put(tmp_path / "sidecar.json", "out.csv.run.json")
+    later = run_here([uri, "-o", bucket.uri("out.csv"), "--dry-run"])
+    assert later.exit_code == 0, later.output
+    said = [line for line in later.output.splitlines() if "names a result file" in line]
+    assert len(said) == 1, later.output
+    assert bucket.uri("out.csv.run.json") in said[0]
+
+
 def test_two_locks_exclude_each_other_and_a_lost_lock_is_noticed(
     bucket: Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -552,10 +576,13 @@ def test_kill_9_then_a_rerun_from_an_empty_state_folder_lands_each_row_once(
         # The sidecar is never behind the result object; where it names this very object (not
         # one whose upload the kill cut off), it counts the object's rows (a first run's
         # checkpoint holds only the rows it settled).
-        claim = json.loads(bucket.read(f"{result}.run.json"))["checkpoint"]
+        facts = json.loads(bucket.read(f"{result}.run.json"))
+        claim = facts["checkpoint"]
         assert claim["rows"] >= checkpoint.height >= in_checkpoint
-        if claim["result_sha256"] == hashlib.sha256(bucket.read(result)).hexdigest():
+        if facts["result_sha256"] == hashlib.sha256(bucket.read(result)).hexdigest():
             assert claim["rows"] == checkpoint.height
+        else:  # killed between the two uploads: the sidecar names a later checkpoint
+            assert claim["rows"] > checkpoint.height
         assert bucket.exists(f"{result}.lock")  # left by the killed run
         # Another machine: no journal; its lock taken over (same host, dead pid).
         resumed = start_run([*args, "--state-dir", str(tmp_path / "machine-b")], bucket.env)
