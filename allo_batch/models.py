@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 if TYPE_CHECKING:
     import polars as pl
+
+log = logging.getLogger("allo_batch")
 
 Status = Literal["updated", "unchanged", "skipped", "conflict", "invalid", "failed", "not_sent"]
 STATUSES: Final[tuple[Status, ...]] = (
@@ -127,29 +130,41 @@ def _native_sha256(contents: pl.Series) -> pl.Series | None:
     plugin = _sha256_plugin()
     if plugin is None:
         return None
+    import polars as pl
+
     try:
         return _plugin_sha256(plugin, contents)
-    except Exception:  # whatever a mismatched plugin raises: hashlib does it
+    # Whatever a mismatched plugin raises (a Rust panic is no Exception): hashlib does it.
+    except (Exception, pl.exceptions.PanicException):
         return None
 
 
-_PROBE: Final = ("", "a", "é日本 ✓", "x" * 70_000)
+_PROBE: Final = ("", "a", "é日本 ✓", "twelve bytes", "x" * 70_000, "line\nbreak")
 
 
 @functools.cache
 def _sha256_plugin() -> Any:
     """The ``polars_hash`` module, if it imports and hashes as hashlib does: a compiled plugin
-    can break with a polars release it was not built for, so it is checked once a process."""
+    can break with a polars release it was not built for, so it is checked once a process
+    (on a column in two chunks, as batches come), and hashlib takes over, saying why."""
     import polars as pl
 
     try:
         import polars_hash
 
-        probe = _plugin_sha256(polars_hash, pl.Series("content", _PROBE, pl.String))
-        agrees = probe.to_list() == [content_sha256(value) for value in _PROBE]
-    except Exception:  # ImportError, or whatever a mismatched plugin raises
+        half = len(_PROBE) // 2
+        probe = pl.concat(
+            [pl.Series("content", _PROBE[:half]), pl.Series("content", _PROBE[half:])],
+            rechunk=False,
+        )
+        agrees = _plugin_sha256(polars_hash, probe).to_list() == list(map(content_sha256, _PROBE))
+    except (Exception, pl.exceptions.PanicException) as exc:
+        log.warning("polars-hash cannot be used (%s); hashing with hashlib, slower", exc)
         return None
-    return polars_hash if agrees else None
+    if not agrees:
+        log.warning("polars-hash hashes otherwise than hashlib; hashing with hashlib, slower")
+        return None
+    return polars_hash
 
 
 def _plugin_sha256(polars_hash: Any, contents: pl.Series) -> pl.Series:

@@ -154,15 +154,17 @@ def test_a_plugin_that_fails_leaves_the_hashing_to_hashlib(monkeypatch: pytest.M
 
 
 def test_a_plugin_that_hashes_otherwise_than_hashlib_is_never_used(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The once-a-process check: a plugin whose hashes differ from hashlib's is turned off."""
+    """The once-a-process check: a plugin whose hashes differ from hashlib's is turned off,
+    and that is said (the run is slower for it)."""
     models._sha256_plugin.cache_clear()
     monkeypatch.setattr(
         models, "_plugin_sha256", lambda plugin, values: pl.Series(["0" * 64] * len(values))
     )
     try:
         assert models._sha256_plugin() is None
+        assert "hashing with hashlib" in caplog.text
         column = content_sha256_column(pl.Series("content", ["a"], pl.String))
         assert column.to_list() == [content_sha256("a")]
     finally:
