@@ -118,11 +118,12 @@ def content_sha256_column(contents: pl.Series) -> pl.Series:
     short rows, outside the GIL); else, one row at a time in Python."""
     import polars as pl
 
-    native = _native_sha256(contents.fill_null(""))
+    contents = contents.fill_null("")
+    native = _native_sha256(contents)
     if native is not None:
         return native.alias("content_sha256")
     sha256 = hashlib.sha256
-    encoded = contents.fill_null("").cast(pl.Binary).to_list()
+    encoded = contents.cast(pl.Binary).to_list()
     return pl.Series("content_sha256", [sha256(value).hexdigest() for value in encoded], pl.String)
 
 

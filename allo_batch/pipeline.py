@@ -15,7 +15,6 @@ import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -676,42 +675,25 @@ async def _produce(
 
     Without a stream (a dry run that reads nothing), the next batch is planned in a thread of
     its own while this one is recorded: both are mostly polars and pyarrow, which let go of the
-    GIL, so the two cores are kept busy. One batch ahead, no more.
+    GIL, so the two cores are kept busy. (With one, the writes set the pace: planning ahead
+    would only hold memory.)
     """
-    if send is not None:  # the writes set the pace: planning ahead would only hold memory
-        while (planned := await anyio.to_thread.run_sync(next, batches, None)) is not None:
-            await _hand_on(planned, recorder, send, sender)
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="allo-batch-plan") as planner:
-        ahead = planner.submit(next, batches, None)
-        while True:
-            planned = await anyio.to_thread.run_sync(ahead.result)
-            if planned is None:
-                return
-            ahead = planner.submit(next, batches, None)
-            await _hand_on(planned, recorder, send, sender)
-
-
-async def _hand_on(
-    planned: PlannedBatch,
-    recorder: Recorder,
-    send: MemoryObjectSendStream[PlannedRequest] | None,
-    sender: Sender | None,
-) -> None:
-    """One planned batch: its settled rows to the recorder, its requests down the stream."""
     from allo_batch.send import not_sent
 
-    recorder.batch(planned.first_row, planned.end_row, planned.settled, len(planned.requests))
-    for item in planned.requests:
-        if send is None:
-            recorder.planned(dry_run_result(item))
-        elif sender is not None and sender.stopping:
-            recorder.planned(not_sent(item, sender.stop_message()))
-        else:
-            try:
-                send.send_nowait(item)
-            except anyio.WouldBlock:
-                await send.send(item)
+    if send is None:
+        batches = read_ahead(batches)
+    while (planned := await anyio.to_thread.run_sync(next, batches, None)) is not None:
+        recorder.batch(planned.first_row, planned.end_row, planned.settled, len(planned.requests))
+        for item in planned.requests:
+            if send is None:
+                recorder.planned(dry_run_result(item))
+            elif sender is not None and sender.stopping:
+                recorder.planned(not_sent(item, sender.stop_message()))
+            else:
+                try:
+                    send.send_nowait(item)
+                except anyio.WouldBlock:
+                    await send.send(item)
 
 
 async def _watch_signals(sender: Sender) -> None:

@@ -205,10 +205,10 @@ _END: Final = object()
 
 
 def read_ahead(batches: Iterator[T]) -> Iterator[T]:
-    """``batches``, each read in a thread of its own while the caller works on the one before
-    (pyarrow's readers let go of the GIL while they parse, as polars does while it checks and
-    hashes): one batch ahead, no more. An error of the reader comes out where it did."""
-    with ThreadPoolExecutor(1, thread_name_prefix="allo-batch-read") as reader:
+    """``batches``, each made in a thread of its own while the caller works on the one before
+    (pyarrow's readers let go of the GIL while they parse, as polars does while it checks,
+    hashes and plans): one batch ahead, no more. An error comes out where it did."""
+    with ThreadPoolExecutor(1, thread_name_prefix="allo-batch-ahead") as reader:
         ahead = reader.submit(next, batches, _END)
         while (batch := ahead.result()) is not _END:
             ahead = reader.submit(next, batches, _END)

@@ -9,8 +9,8 @@ it, and it keeps the journal, the ordered result file, the counters and the side
   answered row. A torn last line is ignored when read.
 - The **result file** is assembled in input order while the run goes (a small reorder buffer
   bounded by the rows in flight) into a temporary file of the output's own format beside it
-  (Parquet as part files, merged at the end), then renamed into place: it appears whole or not
-  at all.
+  (Parquet as row groups of an open part; several parts, merged at the end, only where
+  checkpoints read them), then renamed into place: it appears whole or not at all.
 - The **done index** is what earlier runs of this output landed: for each ``(call_id,
   template_key)`` the latest content hash that was ``updated``, with its version.
 - For an output in a store (``storage.py``) all of this happens in the output's local state
@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -577,7 +577,7 @@ class OrderedResults:
             if len(parts) == 1:
                 os.replace(parts[0], self.temp)
             else:
-                _merge_parquet(parts, self.temp, self.schema)
+                _write_parquet(self.temp, self.schema, parts)
             self._remove_parts()
         os.chmod(self.temp, 0o600)
         os.replace(self.temp, self.output)
@@ -625,7 +625,7 @@ _STATISTICS_COLUMNS: Final = ("row", "status", "error_code", "reason")
 
 
 def _parquet_writer(sink: Any, schema: dict[str, Any]) -> Any:
-    """A pyarrow writer of result files (the schema given as polars types), and its schema."""
+    """A pyarrow writer of result files (the schema given as polars types)."""
     import polars as pl
     import pyarrow.parquet as pq
 
@@ -659,21 +659,6 @@ class _PartWriter:
             self._file.close()
 
 
-def _merge_parquet(parts: list[Path], dest: Path, schema: dict[str, Any]) -> None:
-    """Parquet parts, in order, as one file (a row group at a time)."""
-    import pyarrow.parquet as pq
-
-    with os.fdopen(open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as sink:
-        writer = _parquet_writer(sink, schema)
-        try:
-            for part in parts:
-                with pq.ParquetFile(part) as handle:
-                    for group in range(handle.num_row_groups):
-                        writer.write_table(handle.read_row_group(group))
-        finally:
-            writer.close()
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """See :meth:`OrderedResults.snapshot`."""
@@ -702,7 +687,7 @@ def write_checkpoint(snapshot: Snapshot, earlier: Path | None, dest: Path) -> No
 
     later = _later_rows(snapshot, earlier)
     if snapshot.format == "parquet":
-        _parquet_checkpoint(snapshot, later, dest)
+        _write_parquet(dest, snapshot.schema, snapshot.parts, later)
         return
     fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "wb") as sink:
@@ -806,14 +791,18 @@ def _frame(table: Any) -> pl.DataFrame:
     return frame
 
 
-def _parquet_checkpoint(snapshot: Snapshot, later: Iterator[pl.DataFrame], dest: Path) -> None:
+def _write_parquet(
+    dest: Path, schema: dict[str, Any], parts: list[Path], later: Iterable[pl.DataFrame] = ()
+) -> None:
+    """Parquet ``parts`` in order, then the frames ``later``, as one owner-only result file,
+    a block at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fd = open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "wb") as sink, _parquet_writer(sink, snapshot.schema) as writer:
+    with os.fdopen(fd, "wb") as sink, _parquet_writer(sink, schema) as writer:
         target = writer.schema
-        for part in snapshot.parts:
+        for part in parts:
             with pq.ParquetFile(part) as handle:
                 for batch in handle.iter_batches(batch_size=_CHUNK_ROWS):
                     writer.write_table(pa.Table.from_batches([batch]).cast(target))
@@ -1197,7 +1186,7 @@ class _Checkpoints:
         from allo_batch.storage import file_sha256
 
         dest = self.output.with_name(f".{self.output.name}.checkpoint")
-        sidecar = self.output.with_name(f".{self.output.name}.checkpoint.run.json")
+        sidecar = sidecar_path(dest)
         started = time.monotonic()
         try:
             write_checkpoint(snapshot, self.output, dest)
@@ -1206,9 +1195,7 @@ class _Checkpoints:
                 "checkpoint": {"rows": snapshot.rows, "at": _utc_now()},
                 "result_sha256": file_sha256(dest),
             }
-            fd = open_private(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(json.dumps(facts, indent=2, sort_keys=True).encode() + b"\n")
+            write_sidecar(dest, facts)
             self.mirror.put(sidecar, sidecar_path(self.output))
             self.mirror.put(dest, self.output)
             self._took = time.monotonic() - started

@@ -787,7 +787,7 @@ def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes, read a block at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while block := handle.read(8 << 20):
+        while block := handle.read(_COPY_BLOCK):
             digest.update(block)
     return digest.hexdigest()
 
