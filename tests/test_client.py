@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from allo_batch.client import AlloClient, Answer, clean_text, make_http_client
+from allo_batch.client import AlloClient, Answer, clean_text, make_http_client, new_request_id
 from allo_batch.config import Secret
 
 KEY = "ak_live_s3cr3tK3y"
@@ -55,6 +58,31 @@ def test_request_shape() -> None:
     assert request.headers["Content-Type"] == "application/json"
     assert (answer.kind, answer.version, answer.updated_at) == ("ok", 7, "2026-05-12T14:32:11")
     assert answer.request_id == request.headers["X-Request-Id"]
+    # Built by AlloClient, the request still carries what the client's request() would add.
+    assert request.headers["User-Agent"].startswith("python-httpx/")
+    assert request.extensions["timeout"] == httpx.Timeout(1, pool=None).as_dict()
+
+
+def test_request_ids_have_the_api_format_and_do_not_repeat_even_across_a_fork() -> None:
+    """Ids come from a generator seeded once: a forked child must not replay the parent's."""
+    ids = [new_request_id() for _ in range(10_000)]
+    assert all(re.fullmatch(r"req_[0-9a-f]{12}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # (3.12+ warns of forking a process with threads; the
+        warnings.simplefilter("ignore", DeprecationWarning)  # child only writes and exits)
+        pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, " ".join(new_request_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {new_request_id() for _ in range(100)}
+    assert len(child) == 100
+    assert not child & parent
 
 
 CALL_IDS = [
