@@ -28,6 +28,7 @@ from allo_batch.models import (
     RunSummary,
     done_keys,
 )
+from allo_batch.preview import preview_schema
 from allo_batch.record import (
     Journal,
     OrderedResults,
@@ -96,6 +97,22 @@ def test_any_result_file_round_trips_in_every_format(
 
 
 result_arrow_schema = pl.DataFrame(schema=result_schema()).to_arrow().schema
+
+
+def test_a_preview_file_in_parquet_has_the_types_any_arrow_reader_knows(tmp_path: Path) -> None:
+    """Preview files go through the same writer: their floats, booleans and nulls too."""
+    output = tmp_path / "first.preview.parquet"
+    writer = OrderedResults(output, preview_schema())
+    writer.add_row(1, (1, "cll-2", None, "unchanged", 4, 4, None, False))
+    writer.add_row(0, (0, "cll-1", "MARKDOWN_CLASSIC", "changed", 10, 12, 0.5, True))
+    writer.finish()
+    assert pq.read_schema(output).remove_metadata() == (
+        pl.DataFrame(schema=preview_schema()).to_arrow().schema
+    )
+    assert pl.read_parquet(output).rows() == [
+        (0, "cll-1", "MARKDOWN_CLASSIC", "changed", 10, 12, 0.5, True),
+        (1, "cll-2", None, "unchanged", 4, 4, None, False),
+    ]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
