@@ -133,19 +133,38 @@ def make_http_client(
     ``transport`` is an httpx transport (a test's MockTransport), or the name of the one to
     build (see :data:`DEFAULT_TRANSPORT`). Timeouts, redirects (never followed), TLS
     verification and the errors raised are the same whichever carries the requests.
+
+    Proxies: when the environment names one (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
+    any case), httpx's own transport carries the requests whatever the name given, because it
+    goes through the proxy as httpx documents (``NO_PROXY`` included) and the aiohttp one
+    would not. Loopback hosts are never proxied (as Go's clients do): a sandbox on 127.0.0.1
+    answers behind a corporate proxy too.
     """
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    proxied = environment_proxied()
     if not isinstance(transport, httpx.AsyncBaseTransport) and (
-        chosen_transport(transport) == "aiohttp"
+        chosen_transport(transport) == "aiohttp" and not proxied
     ):
         transport = AiohttpTransport(verify=verify, keepalive_expiry=limits.keepalive_expiry)
     return _Lane(
         limits=limits,
         timeout=httpx.Timeout(timeout, pool=None),
         transport=transport if isinstance(transport, httpx.AsyncBaseTransport) else None,
+        mounts=dict.fromkeys(_LOOPBACK) if proxied else None,
         follow_redirects=False,
         verify=verify,
     )
+
+
+# httpx patterns of the hosts no proxy is used for; None: the client's own transport.
+_LOOPBACK: Final = ("all://localhost", "all://127.0.0.1", "all://[::1]")
+
+
+def environment_proxied() -> bool:
+    """Whether the environment names a proxy for HTTP or HTTPS (what httpx would use)."""
+    from urllib.request import getproxies
+
+    return any(scheme in ("http", "https", "all") for scheme in getproxies())
 
 
 @asynccontextmanager
@@ -222,8 +241,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     given to httpx is complete and the connection is back in the pool when httpx gets it.
     Timeouts: httpx's connect and read timeouts become aiohttp's ``sock_connect`` and
     ``sock_read``; aiohttp has no write timeout (a request body is at most ~100 KB, which the
-    socket buffers take). HTTP/1.1 only; environment proxies are httpx's business (it mounts
-    its own transports for them, as with httpcore).
+    socket buffers take). HTTP/1.1 only, and no proxy: :func:`make_http_client` does not use
+    it when the environment names one.
     """
 
     def __init__(
@@ -322,6 +341,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
+_OWN_HEADERS: Final = frozenset({"authorization", "content-type", "x-request-id"})
+
+
 class AlloClient:
     """Talks to one Allo base URL with one key.
 
@@ -342,8 +364,12 @@ class AlloClient:
     ) -> None:
         self._lanes = [http] if isinstance(http, httpx.AsyncClient) else list(http)
         # What httpx's request() would merge into every request, taken once per lane: the
-        # requests are built here and given to send(), a sixth less CPU per request.
-        self._lane_headers = [dict(lane.headers) for lane in self._lanes]
+        # requests are built here and given to send(), a sixth less CPU per request. The
+        # headers this client sets are its own (a lane's default would go out beside them).
+        self._lane_headers = [
+            {name: value for name, value in lane.headers.items() if name not in _OWN_HEADERS}
+            for lane in self._lanes
+        ]
         self._lane_timeouts = [lane.timeout.as_dict() for lane in self._lanes]
         self._base = base_url.rstrip("/")
         self._key = api_key.reveal()

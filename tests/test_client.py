@@ -63,6 +63,32 @@ def test_request_shape() -> None:
     assert request.extensions["timeout"] == httpx.Timeout(1, pool=None).as_dict()
 
 
+def test_the_clients_own_headers_replace_a_lanes_defaults_and_the_rest_go_along() -> None:
+    """A caller's AsyncClient may carry default headers: the key, the content type and the
+    request id are AlloClient's alone (each sent once), and any other default still goes."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"data": {"id": "cll-1", "version": 1}})
+
+    defaults = {"Authorization": "Bearer other", "X-Request-Id": "fixed", "X-Team": "ops"}
+
+    async def go() -> Answer:
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, headers=defaults) as http:
+            return await AlloClient(http, "https://api.test", Secret(KEY)).update_summary(
+                "cll-1", b"{}"
+            )
+
+    answer = anyio.run(go)
+    [request] = seen
+    assert request.headers.get_list("Authorization") == [f"Api-Key {KEY}"]
+    assert request.headers.get_list("X-Request-Id") == [answer.request_id]
+    assert request.headers.get_list("Content-Type") == ["application/json"]
+    assert request.headers["X-Team"] == "ops"
+
+
 def test_request_ids_have_the_api_format_and_do_not_repeat_even_across_a_fork() -> None:
     """Ids come from a generator seeded once: a forked child must not replay the parent's."""
     ids = [new_request_id() for _ in range(10_000)]

@@ -306,6 +306,34 @@ def test_the_request_goes_out_as_httpx_built_it(
     assert raw.connections == 1
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def test_an_environment_proxy_carries_requests_but_never_to_a_loopback_host(
+    transport: TransportName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a proxy in the environment, a request for another host goes to the proxy (in
+    absolute form), whichever transport is named; one for a loopback host goes straight to
+    it, so a sandbox on 127.0.0.1 answers behind a corporate proxy too."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+    async def through_the_proxy(proxy_url: str, proxy: RawServer) -> Answer:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        return await patch_once("http://api.allo.invalid", transport)
+
+    result, proxy = serve_raw(lambda *_: answer(), through_the_proxy)
+    assert result.kind == "ok"
+    target = b"http://api.allo.invalid/v2/api/conversations/items/cll-1/summary"
+    assert proxy.head(0)[0] == b"PATCH " + target + b" HTTP/1.1"
+
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    result, direct = run_raw(lambda *_: answer(), transport)
+    assert result.kind == "ok"
+    assert direct.head(0)[0] == b"PATCH /v2/api/conversations/items/cll-1/summary HTTP/1.1"
+
+
 def run_raw(respond: Respond, transport: TransportName, **options: Any) -> tuple[Answer, RawServer]:
     """One PATCH through a lane of ``transport`` to a raw server answering with ``respond``."""
 
