@@ -39,6 +39,7 @@ from allo_batch.constants import (
     ME_PATH,
     SUMMARY_PATH,
 )
+from allo_batch.errors import UsageError
 from allo_batch.models import CONNECTION_ERROR, TIMEOUT
 
 AnswerKind = Literal["ok", "error", "unreadable", "transport"]
@@ -146,14 +147,25 @@ def make_http_client(
         chosen_transport(transport) == "aiohttp" and not proxied
     ):
         transport = AiohttpTransport(verify=verify, keepalive_expiry=limits.keepalive_expiry)
-    return _Lane(
-        limits=limits,
-        timeout=httpx.Timeout(timeout, pool=None),
-        transport=transport if isinstance(transport, httpx.AsyncBaseTransport) else None,
-        mounts=dict.fromkeys(_LOOPBACK) if proxied else None,
-        follow_redirects=False,
-        verify=verify,
-    )
+    try:
+        return _Lane(
+            limits=limits,
+            timeout=httpx.Timeout(timeout, pool=None),
+            transport=transport if isinstance(transport, httpx.AsyncBaseTransport) else None,
+            mounts=dict.fromkeys(_LOOPBACK) if proxied else None,
+            follow_redirects=False,
+            verify=verify,
+        )
+    except (ValueError, httpx.InvalidURL, ImportError) as exc:
+        if not proxied:
+            raise
+        # The user's environment, not a bug. Its value is not quoted: it may hold a password.
+        # (A socks:// proxy needs httpx[socks], which allo-batch does not install.)
+        msg = (
+            "the proxy named by HTTPS_PROXY, HTTP_PROXY or ALL_PROXY cannot be used "
+            f"({type(exc).__name__}): give it as http(s)://host:port, or unset it"
+        )
+        raise UsageError(msg) from None
 
 
 # httpx patterns of the hosts no proxy is used for; None: the client's own transport.

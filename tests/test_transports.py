@@ -35,6 +35,7 @@ from allo_batch.client import (
     make_http_client,
 )
 from allo_batch.config import Secret
+from allo_batch.errors import UsageError
 from allo_batch.sandbox import build_world
 from tests.helpers import SANDBOX_KEY, running_sandbox
 
@@ -332,6 +333,21 @@ def test_an_environment_proxy_carries_requests_but_never_to_a_loopback_host(
     result, direct = run_raw(lambda *_: answer(), transport)
     assert result.kind == "ok"
     assert direct.head(0)[0] == b"PATCH /v2/api/conversations/items/cll-1/summary HTTP/1.1"
+
+
+@pytest.mark.parametrize(
+    "proxy", ["ftp://user:s3cretpw@proxy:21", "http://user:s3cretpw@[::1", "socks5://proxy:1080"]
+)
+def test_a_proxy_that_cannot_be_used_is_a_usage_error_that_quotes_no_password(
+    transport: TransportName, proxy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed or unsupported proxy is the user's environment, not a bug: exit 2 with
+    the variables to look at, and never the value (it may hold a password)."""
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    with pytest.raises(UsageError, match="HTTPS_PROXY, HTTP_PROXY or ALL_PROXY") as raised:
+        make_http_client(timeout=5, transport=transport)
+    assert "s3cret" not in str(raised.value)
+    assert raised.value.exit_code == 2
 
 
 def run_raw(respond: Respond, transport: TransportName, **options: Any) -> tuple[Answer, RawServer]:
