@@ -24,8 +24,10 @@ import httpx
 import polars as pl
 import pytest
 
+from allo_batch.constants import Code
 from allo_batch.lock import OutputLock, lock_path
 from allo_batch.record import journal_path, read_before_images, sidecar_path
+from allo_batch.sandbox.app import _Refusal
 from tests.helpers import (
     KEY,
     PERSONA_NAMES,
@@ -292,6 +294,23 @@ def test_second_ctrl_c_stops_at_once_and_stays_consistent(
     assert summary["rows"] == frame.height
 
 
+def check_refused_rows(results: pl.DataFrame, reason: str) -> None:
+    """The rows of a run stopped by a refused key. The 401 reaches whichever request comes
+    first: a PATCH, whose row records the refusal (retryable, since another key may land it),
+    or a batch read of the look stage, which reads ahead of the writes and records no row;
+    either way the rows left are not_sent and name the stop."""
+    refused = results.filter(pl.col("error_code") == "API_KEY_REVOKED")
+    assert refused["retryable"].to_list() == [True] * refused.height
+    if "on a batch read" in reason:
+        assert reason == "the API refused the key on a batch read: API_KEY_REVOKED (HTTP 401)"
+    else:
+        assert reason == "the API refused the key: API_KEY_REVOKED (HTTP 401)"
+        assert refused.height >= 1
+    unsent = results.filter((pl.col("status") == "not_sent") & (pl.col("attempts") == 0))
+    assert set(unsent["message"]) <= {f"not sent: the run stopped ({reason})"}
+    assert results.filter(pl.col("status") == "updated").height >= 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_key_revoked_mid_run_stops_with_3_and_another_key_finishes(
@@ -314,9 +333,7 @@ def test_key_revoked_mid_run_stops_with_3_and_another_key_finishes(
         assert stopped.height == frame.height
         assert not journal_path(output).exists()
         _, doubt = cut_off_in_flight(stopped)
-        refused = stopped.filter(pl.col("error_code") == "API_KEY_REVOKED")
-        assert refused.height >= 1
-        assert refused["retryable"].to_list() == [True] * refused.height
+        check_refused_rows(stopped, summary["stopped_reason"])
 
         code, summary, err = finish(
             start_run([str(source), "-o", str(output), "--base-url", sb.base_url], key=SPARE_KEY)
@@ -326,6 +343,44 @@ def test_key_revoked_mid_run_stops_with_3_and_another_key_finishes(
     final = tmp_path / "final.csv"
     pl.read_parquet(output).write_csv(final)
     check_final(final, frame, state, doubt)
+
+
+def test_a_key_refused_on_a_batch_read_stops_the_run_and_a_rerun_finishes(
+    sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 on a batch read (the look stage reads ahead of the writes) stops the run as one on
+    a PATCH does: exit 3, a reason naming the read, every row accounted for, and the rows it
+    left unsent land once on a rerun."""
+    source, output = tmp_path / "in.csv", tmp_path / "out.csv"
+    frame = write_input(source, 250)
+    with sandbox_factory(world_for(frame, write_rate=200), api_key=KEY) as sb:
+        reads = sb.app._batch
+        calls = Counter[str]()
+
+        def refuse_the_second_read(request: Any) -> Any:
+            calls["batch"] += 1
+            if calls["batch"] == 2:
+                raise _Refusal(401, Code.API_KEY_REVOKED, "This API key was revoked.")
+            return reads(request)
+
+        monkeypatch.setattr(sb.app, "_batch", refuse_the_second_read)
+        args = ["run", str(source), "-o", str(output), "--base-url", sb.base_url, "--json"]
+        stopped = invoke([*args, "--no-progress"])
+        assert stopped.exit_code == 3, stopped.output
+        reason = json.loads(stopped.stdout)["stopped_reason"]
+        assert reason == "the API refused the key on a batch read: API_KEY_REVOKED (HTTP 401)"
+        results = pl.read_csv(output, infer_schema_length=None)
+        assert results["row"].to_list() == list(range(frame.height))
+        check_refused_rows(results, reason)
+        assert results.filter(pl.col("error_code") == "API_KEY_REVOKED").height == 0
+        assert results.filter(pl.col("status") == "not_sent").height >= 100  # batch 2 on
+        _, doubt = cut_off_in_flight(results)
+
+        monkeypatch.undo()
+        finished = invoke([*args, "--no-progress"])
+        assert finished.exit_code == 1, finished.output  # the two invalid rows
+        state = sb.state()
+    check_final(output, frame, state, doubt)
 
 
 def test_a_second_run_on_the_same_output_is_refused_with_3(tmp_path: Path) -> None:
