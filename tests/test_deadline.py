@@ -4,6 +4,7 @@ stops a run cleanly at its deadline so that the next window's run resumes."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,33 @@ def test_a_deadline_is_iso_8601_or_the_next_hh_mm() -> None:
 
 
 def test_a_run_that_cannot_finish_says_so_stops_at_the_deadline_and_a_rerun_finishes(
-    sandbox_factory: SandboxFactory, tmp_path: Path
+    sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """80 rows at 10/s need 8 s; a deadline 2 s away: warned at the start, stopped at it (exit 3,
-    reason named, result file written), and the rerun lands the rest, every row once."""
+    """80 rows at 10/s need 8 s; a deadline 3 s away: warned at the start, writing until the
+    deadline and none after it (exit 3, reason named, result file written), and the rerun lands
+    the rest, every row once."""
     ids = [f"cll-{i:03d}" for i in range(80)]
     source = tmp_path / "in.csv"
     pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]}).write_csv(source)
     world = build_world(seed_pairs=[(c, None) for c in ids])
     world.add_key(ApiKey(key=KEY, write_per_second=10, read_per_second=10))
     output = tmp_path / "out.csv"
-    deadline = (datetime.now().astimezone() + timedelta(seconds=2)).isoformat()
     with sandbox_factory(world, api_key=KEY) as sandbox:
+        applied: list[float] = []  # when each write was applied (sandbox side)
+        patch = sandbox.app._patch_summary
+
+        def timed_patch(*args: Any) -> Any:
+            answer = patch(*args)
+            applied.append(time.time())
+            return answer
+
+        monkeypatch.setattr(sandbox.app, "_patch_summary", timed_patch)
+        # Set once the sandbox is up, so that a slow start does not eat the run's window.
+        deadline = datetime.now().astimezone() + timedelta(seconds=3)
         args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url, "--json"]
-        stopped = invoke([*args, "--finish-by", deadline])
+        stopped = invoke([*args, "--finish-by", deadline.isoformat()])
         partial = read_results(output)
+        during = list(applied)
         rest = invoke(args)
         state = sandbox.state()
     assert stopped.exit_code == 3
@@ -60,7 +73,11 @@ def test_a_run_that_cannot_finish_says_so_stops_at_the_deadline_and_a_rerun_fini
     summary = json.loads(stopped.stdout)
     assert "--finish-by deadline" in summary["stopped_reason"]
     updated = partial.filter(pl.col("status") == "updated").height
-    assert 5 <= updated <= 40
+    assert 1 <= updated == len(during) <= 40
+    # It wrote until the deadline (at 10/s, a write every 0.1 s), and nothing started after it
+    # (those in flight may finish: the sandbox answers at once).
+    end = deadline.timestamp()
+    assert end - 1.0 <= max(during) <= end + 0.5, max(during) - end
     assert rest.exit_code == 0
     assert json.loads(rest.stdout)["by_status"] == {"skipped": updated, "updated": 80 - updated}
     assert all(s["writes"] == 1 for s in state["summaries"])

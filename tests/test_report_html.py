@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -297,18 +296,15 @@ def test_html_of_an_old_or_missing_sidecar(
     assert "<div class='n'>279</div>" in page
 
 
-def test_html_of_a_million_rows_is_small_and_quick(tmp_path: Path) -> None:
-    """Aggregates and at most 200 listed rows: under 1 MB in a few seconds, even with a full
-    2048-bucket timeline."""
+def test_html_of_a_million_rows_is_small(tmp_path: Path) -> None:
+    """Aggregates and at most 200 listed rows: under 1 MB, even with a full 2048-bucket
+    timeline (no timing here: speed is for make bench, never a unit test)."""
     output = million_rows(tmp_path)
     page_path = tmp_path / "big.html"
-    started = time.monotonic()
     made = invoke("report", output, "--html", page_path)
-    took = time.monotonic() - started
     assert made.exit_code == 0, made.output
     size = page_path.stat().st_size
     assert size < 1_000_000, size
-    assert took < 10, took
     page = page_path.read_text()
     assert page.count("<svg class='plot'") == 3
     assert page.count("<tr><td class='num'>") == 200

@@ -101,6 +101,11 @@ def wait_for_writes(sandbox: Any, at_least: int, process: subprocess.Popen[str])
     pytest.fail(f"the run never reached {at_least} writes (exit {process.poll()})")
 
 
+def journal_sends(journal: Path) -> int:
+    """Requests a run has journaled as sent so far."""
+    return journal.read_bytes().count(b'"e":"sent"') if journal.exists() else 0
+
+
 def in_doubt_sends(journal: Path) -> Counter[tuple[str, str]]:
     """Per target, requests of killed runs that never got an answer, read from the journal."""
     doubt: Counter[tuple[str, str]] = Counter()
@@ -268,13 +273,16 @@ def test_second_ctrl_c_stops_at_once_and_stays_consistent(
     frame = write_input(source, 60, invalid=False)
     world = world_for(frame, keys=(KEY, SPARE_KEY), write_rate=50)
     # Every answer takes 20 s: the first Ctrl-C waits out its 5 s grace, the second must not.
+    # --blind: the look stage's batch read would take 20 s too before any write went out.
     with sandbox_factory(world, api_key=KEY, faults="latency=20s") as sb:
-        process = start_run([str(source), "-o", str(output), "--base-url", sb.base_url])
+        args = [str(source), "-o", str(output), "--base-url", sb.base_url, "--blind"]
+        process = start_run(args)
         journal = journal_path(output)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and process.poll() is None:
-            if journal.exists() and journal.read_bytes().count(b'"e":"sent"') >= 5:
-                break
+        while journal_sends(journal) < 5:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail(f"the run never sent 5 requests (exit {process.wait(10)})")
             time.sleep(0.02)
         process.send_signal(signal.SIGINT)
         time.sleep(0.5)

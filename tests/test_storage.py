@@ -645,15 +645,15 @@ def test_a_run_whose_lock_is_taken_stops_with_3_and_writes_nothing_more(
     monkeypatch.setattr(storage, "LOCK_HEARTBEAT", 0.1)
     thief = b'{"pid": 1, "host": "elsewhere", "started": "x"}'
 
-    def steal() -> None:
+    def steal(sb: Any) -> None:
+        # Once some rows have landed (the run holds its lock by then), however slow the start.
         deadline = time.monotonic() + 20
-        while not bucket.exists("out.csv.lock") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)
+        while sb.app.counters["writes_applied"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
         bucket.fs.pipe_file(f"{bucket.name}/out.csv.lock", thief)
 
     with sandbox_factory(world_for(frame, write_rate=15), api_key=KEY) as sb:
-        threading.Thread(target=steal, daemon=True).start()
+        threading.Thread(target=steal, args=(sb,), daemon=True).start()
         stopped = run_here([uri, "-o", bucket.uri("out.csv"), "--base-url", sb.base_url])
         landed = sb.app.counters["writes_applied"]
     assert stopped.exit_code == 3, stopped.output
