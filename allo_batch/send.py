@@ -237,10 +237,7 @@ class Sender:
         successes_at_first_failure = 0
         last: Answer | None = None
         while True:
-            if self.stopping:
-                return not_sent(request, self.stop_message(), attempts, last)
-            await self._pacer.acquire()
-            if self.stopping:
+            if not await self._permit():
                 return not_sent(request, self.stop_message(), attempts, last)
             answer = await self._dispatch(request, lane)
             if answer is None:
@@ -302,9 +299,8 @@ class Sender:
 
         failures = 0
         while True:
-            if self.stopping:
+            if not await self._permit():
                 raise ReadStoppedError
-            await self._pacer.acquire()
             answer = await self._client.read_items(ids, lane=lane)
             self.stats.reads += 1
             if answer.kind == "ok":
@@ -373,6 +369,20 @@ class Sender:
         cap = policy.outage_backoff_max if api_down else policy.backoff_max
         ceiling = min(cap, policy.backoff_initial * 2 ** (failures - 1))
         await self._wait(random.uniform(ceiling / 2, ceiling))
+
+    async def _permit(self) -> bool:
+        """Wait for the pacer's next permit; False once the run stops. A stop wakes a worker
+        waiting for one: at a low rate (or behind a long pause) that wait can be minutes, and
+        SIGTERM must not wait it out."""
+        if self.stopping:
+            return False
+        with anyio.CancelScope() as scope:
+            self._waiting.add(scope)
+            try:
+                await self._pacer.acquire()
+            finally:
+                self._waiting.discard(scope)
+        return not self.stopping
 
     async def _wait(self, seconds: float, *, interruptible: bool = True) -> None:
         """Sleep with the injected sleep; a stop wakes every row waiting to retry."""

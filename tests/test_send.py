@@ -13,7 +13,13 @@ import pytest
 
 from allo_batch.client import AlloClient
 from allo_batch.config import RetryPolicy, Secret
-from allo_batch.errors import ApiUnavailableError, AuthRefusedError, TooManyErrorsError
+from allo_batch.errors import (
+    ApiUnavailableError,
+    AuthRefusedError,
+    InterruptedRunError,
+    TooManyErrorsError,
+)
+from allo_batch.look import ReadStoppedError
 from allo_batch.models import PlannedRequest, RowResult
 from allo_batch.ratelimit import Pacer
 from allo_batch.send import Sender
@@ -280,6 +286,41 @@ def test_a_stop_wakes_rows_waiting_to_retry() -> None:
 
     anyio.run(go)
     assert [r.status for r in recorded.results] == ["not_sent"]
+
+
+@pytest.mark.parametrize("what", ["write", "read"])
+def test_a_stop_wakes_rows_waiting_for_a_permit(what: str) -> None:
+    """At a low rate a permit can be minutes away: SIGTERM (a stop) must not wait it out. The
+    first row lands at once; the next, waiting for its permit, is not sent; a read waiting for
+    one gives up."""
+    handler, paths = scripted()
+    recorded = Recorded()
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            client = AlloClient(http, "http://127.0.0.1:9", Secret("ak_send_test"))
+            sender = Sender(client, Pacer(0.001), recorded, policy=RetryPolicy())
+            with anyio.fail_after(5):
+                await _send_into(sender, request(0), recorded)
+                async with anyio.create_task_group() as group:
+                    if what == "write":
+                        group.start_soon(_send_into, sender, request(1), recorded)
+                    else:
+                        group.start_soon(_read_stopped, sender)
+                    await anyio.wait_all_tasks_blocked()
+                    sender.stop(InterruptedRunError("interrupted by SIGTERM"))
+
+    anyio.run(go)
+    assert len(paths) == 1
+    if what == "write":
+        assert [r.status for r in recorded.results] == ["updated", "not_sent"]
+        stopped = "not sent: the run stopped (interrupted by SIGTERM)"
+        assert recorded.results[1].message == stopped
+
+
+async def _read_stopped(sender: Sender) -> None:
+    with pytest.raises(ReadStoppedError):
+        await sender.read_items(["cll-1"], lane=0)
 
 
 def test_a_batch_read_is_retried_on_a_5xx_whatever_its_retryable_flag() -> None:
