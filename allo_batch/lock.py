@@ -5,6 +5,9 @@ dead run is simply taken over: there is no stale pid to guess about. The file's 
 start time) only serves the message a refused run prints. After taking the lock the path is
 checked to still name the locked file, so a run that unlinks it on release cannot let two others
 in at once. Local filesystems only: ``flock`` on NFS is not reliable.
+
+Other commands' outputs (previews, pages) are kept off an output and its state here too
+(:func:`refuse_to_overwrite`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
 from allo_batch.errors import LockedError, UsageError
+from allo_batch.record import journal_path, sidecar_path
 
 log = logging.getLogger("allo_batch")
 
@@ -136,3 +141,37 @@ def _open_lock_file(path: Path) -> int:
         else:
             msg = f"{path}: cannot open the lock file ({exc.strerror})"
         raise UsageError(msg) from None
+
+
+def refuse_to_overwrite(option: str, dest: Path, keep: Mapping[str, Path | None]) -> None:
+    """Exit 2, before anything is written, when ``dest`` would replace a file that must be
+    kept: one of ``keep`` (what it is → its path: an input, a result file), the run facts or
+    journal of a result file among them, or any run's result file (its run facts or journal
+    beside it): each holds what landed, or what a rerun needs."""
+    kept: dict[str, Path] = {}
+    for what, path in keep.items():
+        if path is not None:
+            kept[what] = path
+            kept[f"{what}'s run facts"] = sidecar_path(path)
+            kept[f"{what}'s journal"] = journal_path(path)
+    for what, path in kept.items():
+        if _same_path(dest, path):
+            raise UsageError(f"{option} {dest}: that is {what}; name a new file")
+    for state in (sidecar_path(dest), journal_path(dest)):
+        if state.exists():
+            msg = f"{option} {dest}: that is a run's result file ({state.name} is beside it)"
+            raise UsageError(f"{msg}; name a new file")
+    for state_of, what in ((sidecar_path, "run facts"), (journal_path, "journal")):
+        suffix = state_of(Path("_")).name[1:]
+        base = dest.with_name(dest.name.removesuffix(suffix))
+        if base != dest and dest.exists() and base.exists():
+            raise UsageError(f"{option} {dest}: that is the {what} of {base}; name a new file")
+
+
+def _same_path(one: Path, other: Path) -> bool:
+    if one.resolve() == other.resolve():
+        return True
+    try:
+        return one.exists() and other.exists() and one.samefile(other)
+    except OSError:
+        return False

@@ -43,7 +43,7 @@ from allo_batch.errors import (
     TooManyErrorsError,
     UsageError,
 )
-from allo_batch.lock import OutputLock
+from allo_batch.lock import OutputLock, refuse_to_overwrite
 from allo_batch.look import (
     CallFacts,
     Looked,
@@ -846,13 +846,25 @@ def _check_rows(
 
 
 def preview_input(
-    config: JobConfig, output: Path, *, show: int = 5, transport: Any = None
+    config: JobConfig,
+    output: Path,
+    *,
+    show: int = 5,
+    html: Path | None = None,
+    transport: Any = None,
 ) -> Preview:
     """``allo-batch diff``: read every valid row's target and say what a run would change.
 
     Writes the preview file (``preview.preview_schema``), sends nothing, keeps the first
-    ``show`` changed rows for their diffs.
+    ``show`` changed rows for their diffs. ``html``, the page the caller writes after, is only
+    checked here, with the preview file, before anything is read: neither may replace the
+    input or a run's result file.
     """
+    if isinstance(config.input, Path):
+        refuse_to_overwrite("--output", output, {"the input": config.input})
+        if html is not None:
+            keep = {"the input": config.input, "the preview file": output}
+            refuse_to_overwrite("--html", html, keep)
     return anyio.run(partial(_preview, config, output, show, transport))
 
 

@@ -17,6 +17,7 @@ from allo_batch import corrections, failed, report_html
 from allo_batch.config import parse_column_mapping
 from allo_batch.errors import UsageError
 from allo_batch.failed import ResultFacts
+from allo_batch.lock import refuse_to_overwrite
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,9 @@ def review(request: ReportRequest) -> ReportOutput:
     if request.export_failed is not None and request.input_path is None:
         msg = "--export-failed needs --input INPUT: the run's input, whose rows are written"
         raise UsageError(msg)
+    if request.html is not None:
+        keep = {"the result file": request.result, "the input": request.input_path}
+        refuse_to_overwrite("--html", request.html, keep)
     if not (request.failed or request.export_failed or request.html):
         return ReportOutput(text=_summary(request))
     facts = failed.load(request.result)

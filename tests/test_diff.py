@@ -95,3 +95,31 @@ def test_diff_against_an_unreachable_api_says_so_at_once(tmp_path: Path) -> None
     result = invoke(["diff", str(source), "--base-url", "http://127.0.0.1:9"])
     assert result.exit_code == 3
     assert result.stderr.strip() == "allo-batch: cannot reach http://127.0.0.1:9 (CONNECTION_ERROR)"
+
+
+def test_diff_never_writes_over_the_input_or_a_run_s_files(tmp_path: Path) -> None:
+    """The preview file and the page may replace neither the input nor a run's result file or
+    its state (a result file holds what landed): exit 2, before anything is read, each file
+    as it was."""
+    source, _world = setup(tmp_path)
+    result_file = tmp_path / "results.csv"
+    ran = invoke(["run", str(source), "--dry-run", "-o", str(result_file)], key=None)
+    assert ran.exit_code == 1, ran.output  # the SMS id is invalid
+    state = result_file.with_name("results.csv.run.json")
+    files = [source, result_file, state]
+    before = [path.read_bytes() for path in files]
+    cases = [
+        (["--html", str(source)], "--html", "that is the input"),
+        (["--html", str(tmp_path / "fixes.preview.csv")], "--html", "that is the preview file"),
+        (["--html", str(result_file)], "--html", "that is a run's result file"),
+        (["--html", str(state)], "--html", "results.csv.run.json: that is"),
+        (["-o", str(result_file)], "--output", "that is a run's result file"),
+        (["-o", str(tmp_path / "." / "fixes.csv")], "--output", "that is the input"),
+    ]
+    for args, option, says in cases:
+        refused = invoke(["diff", str(source), *args, "--base-url", "http://127.0.0.1:9"])
+        assert refused.exit_code == 2, (args, refused.output)
+        assert says in refused.output and f"{option} " in refused.output, refused.output
+        assert "name a new file" in refused.output
+    assert [path.read_bytes() for path in files] == before
+    assert not (tmp_path / "fixes.preview.csv").exists()

@@ -384,3 +384,20 @@ def million_rows(folder: Path) -> Path:
     }
     Path(f"{output}.run.json").write_text(json.dumps(sidecar))
     return output
+
+
+def test_html_never_writes_over_the_result_file_its_state_or_the_input(
+    sample_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``report --html`` onto the result file, its run facts, the input or another run's result
+    file: exit 2 and each file as it was (it held what landed)."""
+    source, output = sample_run
+    other = tmp_path / "other.csv"
+    assert invoke("run", source, "--dry-run", "-o", other).exit_code == 1
+    files = [output, output.with_name(output.name + ".run.json"), source, other]
+    before = [path.read_bytes() for path in files]
+    for page in files:
+        refused = invoke("report", output, "--input", source, "--html", page)
+        assert refused.exit_code == 2, refused.output
+        assert f"--html {page}: that is" in refused.output
+    assert [path.read_bytes() for path in files] == before

@@ -92,7 +92,7 @@ def diff(
         )
         [config] = configs_for(request).configs
         target = output or input_path.with_name(f"{input_path.stem}.preview.csv")
-        found = preview_input(config, target, show=show)
+        found = preview_input(config, target, show=show, html=html_page)
         if html_page is not None:
             write_html(found, html_page)
     except AlloBatchError as error:
