@@ -269,3 +269,13 @@ def parse_column_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise UsageError(msg)
         mapping[ours] = theirs
     return mapping
+
+
+def literal_path(path: Path) -> str:
+    """``path`` as polars' NDJSON readers take it literally.
+
+    polars expands ``*``, ``?`` and ``[...]`` in every path it is given, so a file named
+    ``fixes[1].ndjson`` was "not found". Its CSV and Parquet readers take ``glob=False``; the
+    NDJSON ones do not (polars 1.x), so each such character is put in a class of its own.
+    """
+    return "".join(f"[{char}]" if char in "*?[]" else char for char in str(path))

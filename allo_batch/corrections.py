@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from allo_batch.config import FORMATS, InputFormat
+from allo_batch.config import FORMATS, InputFormat, literal_path
 from allo_batch.errors import InputError, UsageError
 from allo_batch.read import Fingerprinter, InputSource, key_batches, open_input
 
@@ -202,9 +202,9 @@ def _selected(source: InputSource, wanted: Wanted) -> pl.DataFrame:
         parts = list(_csv_selected(source, rows))
         return pl.concat(parts) if parts else pl.DataFrame(schema={_INDEX: pl.Int64})
     scan = (
-        pl.scan_parquet(source.path)
+        pl.scan_parquet(source.path, glob=False)
         if source.format == "parquet"
-        else pl.scan_ndjson(source.path, infer_schema_length=None)
+        else pl.scan_ndjson(literal_path(source.path), infer_schema_length=None)
     )
     try:
         return (

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
-from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat
+from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat, literal_path
 from allo_batch.errors import InputError
 from allo_batch.models import FIELDS, KEY_FIELDS, ROW
 
@@ -570,7 +570,7 @@ def _ndjson_columns(path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
         msg = f"{path}: cannot read it as ndjson: line 1 starts with a byte order mark; remove it"
         raise InputError(msg)
     try:
-        schema = pl.scan_ndjson(path, infer_schema_length=None).collect_schema()
+        schema = pl.scan_ndjson(literal_path(path), infer_schema_length=None).collect_schema()
     except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError) as exc:
         problem = _ndjson_problem(path, ())
         msg = f"{path}: cannot read it as ndjson: {problem or _reason(exc)}"

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
+from allo_batch.config import literal_path
 from allo_batch.errors import AlloBatchError, UsageError
 from allo_batch.models import (
     DEFERRED_REASONS,
@@ -358,11 +359,11 @@ def read_results(path: Path) -> pl.DataFrame:
         if path.stat().st_size == 0:
             return pl.DataFrame(schema=schema)
         if fmt == "parquet":
-            frame = pl.read_parquet(path)
+            frame = pl.read_parquet(path, glob=False)
         elif fmt == "csv":
-            frame = pl.read_csv(path, infer_schema=False, raise_if_empty=False)
+            frame = pl.read_csv(path, infer_schema=False, raise_if_empty=False, glob=False)
         else:
-            frame = pl.read_ndjson(path, infer_schema_length=None)
+            frame = pl.read_ndjson(literal_path(path), infer_schema_length=None)
         return _conform(frame, schema)
 
 
@@ -376,11 +377,11 @@ def scan_results(path: Path) -> pl.LazyFrame:
         if path.stat().st_size == 0:
             return pl.LazyFrame(schema=result_schema())
         if fmt == "parquet":
-            frame = pl.scan_parquet(path)
+            frame = pl.scan_parquet(path, glob=False)
         elif fmt == "csv":
-            frame = pl.scan_csv(path, infer_schema=False, raise_if_empty=False)
+            frame = pl.scan_csv(path, infer_schema=False, raise_if_empty=False, glob=False)
         else:
-            frame = pl.scan_ndjson(path, infer_schema_length=None)
+            frame = pl.scan_ndjson(literal_path(path), infer_schema_length=None)
         names = frame.collect_schema()
     if "status" not in names:
         msg = f"{path}: cannot read the earlier result file: not a result file"
@@ -1062,7 +1063,7 @@ class BeforeImages:
                 chunks = [c for c in chunks if c != merged]
             else:
                 temp = self.folder / f".{run}.merge.tmp"
-                pl.scan_parquet(chunks).sink_parquet(temp)
+                pl.scan_parquet(chunks, glob=False).sink_parquet(temp)
                 _fsync_path(temp)
                 os.chmod(temp, 0o600)
                 os.replace(temp, merged)
@@ -1080,7 +1081,7 @@ def read_before_images(output: Path) -> pl.DataFrame:
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         return pl.DataFrame(schema=before_schema())
-    return pl.read_parquet(files).sort("run", "seq")
+    return pl.read_parquet(files, glob=False).sort("run", "seq")
 
 
 def _write_durably(frame: pl.DataFrame, final: Path) -> None:

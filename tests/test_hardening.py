@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from allo_batch.cli import cli
 from allo_batch.errors import ExitCode
-from allo_batch.record import journal_path, read_results
+from allo_batch.record import journal_path, read_before_images, read_results
 from allo_batch.sandbox import ApiKey, build_world
 from allo_batch.sandbox.world import World
 from tests.helpers import SandboxFactory
@@ -307,3 +307,37 @@ def test_a_ten_second_outage_is_ridden_out(sandbox_factory: SandboxFactory, tmp_
     assert sum(writes) <= 120 + 2  # at most the requests in flight when the port closed
     notes = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert any("API unreachable for" in (n.get("note") or "") for n in notes)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "ndjson"])
+def test_names_with_glob_characters_are_files_not_patterns(
+    sandbox_factory: SandboxFactory, tmp_path: Path, fmt: str
+) -> None:
+    """polars reads ``*``, ``?`` and ``[...]`` as patterns: an input, result file or
+    before-image folder named with them was "not found" (exit 70 after the writes, on every
+    rerun) or, with a look-alike beside it, another file was read in its place. Every command
+    takes such names literally, in each format."""
+    folder = tmp_path / "drop [1]"
+    folder.mkdir()
+    ids = ["cll-1", "cll-2", "cll-3"]
+    frame = pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]})
+    source, output = folder / f"in[1]?.{fmt}", folder / f"out*[1].{fmt}"
+    for path in (source, folder / f"in1x.{fmt}"):  # the look-alike matches the pattern
+        getattr(frame, f"write_{fmt}")(path)
+    getattr(frame.head(1), f"write_{fmt}")(folder / f"outX1.{fmt}")  # so does this one
+    with sandbox_factory(world_of(*ids), api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url, "--json"]
+        first, rerun = invoke(args), invoke(args)
+        writes = sandbox.state()["counters"]["writes_applied"]
+    assert first.exit_code == 0, first.output
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads(rerun.stdout)["by_status"] == {"skipped": 3}
+    assert writes == 3
+    assert read_results(output)["status"].to_list() == ["skipped"] * 3
+    assert read_before_images(output)["call_id"].to_list() == ids
+    report = invoke(["report", str(output), "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["rows"] == 3
+    checked = invoke(["validate", str(source)])
+    assert checked.exit_code == 0, checked.output
+    assert "3 rows" in checked.output

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from allo_batch.config import literal_path
 from allo_batch.constants import (
     CALL_PREFIX,
     DEFAULT_READ_PER_SECOND,
@@ -162,11 +163,11 @@ def pairs_from_file(path: Path) -> list[tuple[str, str | None]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            frame = pl.scan_parquet(path)
+            frame = pl.scan_parquet(path, glob=False)
         elif suffix in (".ndjson", ".jsonl"):
-            frame = pl.scan_ndjson(path, infer_schema_length=None)
+            frame = pl.scan_ndjson(literal_path(path), infer_schema_length=None)
         else:
-            frame = pl.scan_csv(path, infer_schema=False)
+            frame = pl.scan_csv(path, infer_schema=False, glob=False)
         names = frame.collect_schema().names()
         if "call_id" not in names:
             msg = f"{path}: no call_id column (found: {', '.join(names)})"
