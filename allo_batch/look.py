@@ -197,9 +197,9 @@ class Looked:
         return request.result(
             "conflict",
             message=(
-                "the target changed since the run wrote it "
+                "the target no longer holds the expected content "
                 f"({'now ' + (self.current.sha256 or 'empty')[:12]} vs {expected[:12]}); "
-                "left alone (--force overrides)"
+                "left alone (undo --force, or the row without expected_sha256, writes it)"
             ),
             reason="changed_since",
         )
@@ -294,6 +294,8 @@ class Looker:
             change = item.change
             self.changes[change] = self.changes.get(change, 0) + 1
             expected = item.request.expected_sha256
+            # Hex in either case; a blank one is no expectation (as validation treats it).
+            expected = (expected.strip().lower() or None) if expected is not None else None
             # A target that already holds this row's content is no conflict: an undo resumed
             # after its restore landed in flight finds exactly that.
             holds_it = item.current.sha256 == item.request.content_sha256

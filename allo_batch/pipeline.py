@@ -290,6 +290,12 @@ def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Pre
     source = open_input(
         config.input, config.format, config.columns, storage=config.storage_options, spool=spool
     )
+    if config.blind and source.columns.get("expected_sha256") is not None:
+        msg = (
+            f"{source.path}: column expected_sha256 needs a read of each target before its "
+            "write, and --blind reads nothing; drop --blind or the column"
+        )
+        raise UsageError(msg)
     identity, duplicates = survey(source, config.batch_size, config.limit)
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)

@@ -23,6 +23,7 @@ _SHOWN_ROWS: Final = 5
 # the result file, so a pasted secret or a line of content in the wrong column must not be.
 _SHOWN_CHARS: Final = 40
 _CONTROL: Final = r"\p{Cc}"
+_SHA256: Final = r"^[0-9a-fA-F]{64}$"
 
 
 def _escapes() -> dict[str, str]:
@@ -77,6 +78,25 @@ def normalized_template() -> pl.Expr:
     return pl.when(key.str.len_bytes() > 0).then(key).otherwise(None).alias("template_key")
 
 
+def _bad_expected() -> pl.Expr:
+    """An ``expected_sha256`` that is not a SHA-256 (64 hex digits, either case): no content
+    could match it, so the row would always end as a conflict."""
+    import polars as pl
+
+    expected = pl.col("expected_sha256")
+    given = expected.str.strip_chars().str.len_bytes() > 0  # blank: no expectation
+    return given & ~expected.str.strip_chars().str.contains(_SHA256)
+
+
+def _with_expected(batch: pl.DataFrame) -> pl.DataFrame:
+    """``batch`` with an ``expected_sha256`` column (null when the input has none)."""
+    import polars as pl
+
+    if "expected_sha256" in batch.columns:
+        return batch
+    return batch.with_columns(pl.lit(None, dtype=pl.String).alias("expected_sha256"))
+
+
 def issue_code() -> pl.Expr:
     """The first check a row fails, as the API's code, or null for a valid row."""
     import polars as pl
@@ -94,6 +114,8 @@ def issue_code() -> pl.Expr:
         .when(too_long)
         .then(pl.lit(Code.INVALID_REQUEST_BODY))
         .when(template.is_not_null() & ~template.is_in(TEMPLATE_KEYS))
+        .then(pl.lit(Code.INVALID_REQUEST_BODY))
+        .when(_bad_expected())
         .then(pl.lit(Code.INVALID_REQUEST_BODY))
         .otherwise(pl.lit(None, dtype=pl.String))
         .alias(CODE)
@@ -130,11 +152,18 @@ def issue_message() -> pl.Expr:
                 pl.lit(MAX_CONTENT_CHARS),
             )
         )
-        .otherwise(
+        .when(template.is_not_null() & ~template.is_in(TEMPLATE_KEYS))
+        .then(
             pl.format(
                 "column template_key: {} is not one of {}",
                 _shown(template),
                 pl.lit(", ".join(TEMPLATE_KEYS)),
+            )
+        )
+        .otherwise(
+            pl.format(
+                "column expected_sha256: {} is not a SHA-256 (64 hex digits)",
+                _shown(pl.col("expected_sha256")),
             )
         )
         .alias(MESSAGE)
@@ -145,7 +174,7 @@ def validate_batch(batch: pl.DataFrame, duplicates: Duplicates) -> pl.DataFrame:
     """Add ``error_code``, ``message`` and ``repeat_of`` to a batch of read rows."""
     import polars as pl
 
-    checked = batch.with_columns(normalized_template()).with_columns(issue_code())
+    checked = _with_expected(batch).with_columns(normalized_template()).with_columns(issue_code())
     checked = checked.with_columns(_messages(checked))
     marks = duplicates.frame
     if marks.height == 0:
@@ -237,7 +266,7 @@ def find_duplicates(batches: Iterable[pl.DataFrame], candidates: pl.Series) -> D
 
     wanted = candidates.implode()
     kept = [
-        batch.filter(key_hash().is_in(wanted))
+        _with_expected(batch.filter(key_hash().is_in(wanted)))
         .with_columns(normalized_template())
         .filter(issue_code().is_null())
         .select(

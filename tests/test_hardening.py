@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -341,3 +342,43 @@ def test_names_with_glob_characters_are_files_not_patterns(
     checked = invoke(["validate", str(source)])
     assert checked.exit_code == 0, checked.output
     assert "3 rows" in checked.output
+
+
+def test_expected_sha256_is_checked_before_anything_is_sent(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """``expected_sha256`` in either case of hex compares equal; one that is no SHA-256 is an
+    invalid row (it could never match); with --blind, which reads nothing to compare, the
+    column is exit 2 before anything is sent."""
+    world = world_of("cll-1", "cll-2", "cll-3")
+    held = {c: next(iter(world.calls[c].values())).content for c in ("cll-1", "cll-2", "cll-3")}
+    digest = {c: sha256(text.encode()).hexdigest() for c, text in held.items()}
+    source = tmp_path / "in.csv"
+    pl.DataFrame(
+        {
+            "call_id": ["cll-1", "cll-2", "cll-3"],
+            "content": ["fix 1", "fix 2", "fix 3"],
+            "expected_sha256": [digest["cll-1"].upper(), "nothex", "0" * 64],
+        }
+    ).write_csv(source)
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url]
+        blind = invoke([*args, "--blind"])
+        assert blind.exit_code == 2, blind.output
+        assert "column expected_sha256 needs a read of each target" in blind.output
+        assert not output.exists()
+        ran = invoke(args)
+        writes = sandbox.state()["counters"]["writes_applied"]
+    assert ran.exit_code == 1, ran.output
+    results = read_results(output)
+    assert results["status"].to_list() == ["updated", "invalid", "conflict"]
+    assert results["error_code"][1] == "INVALID_REQUEST_BODY"
+    assert results["message"][1] == (
+        "column expected_sha256: 'nothex' is not a SHA-256 (64 hex digits)"
+    )
+    assert "left alone (undo --force" in results["message"][2]
+    assert writes == 1
+    checked = invoke(["validate", str(source)])
+    assert checked.exit_code == 1
+    assert "column expected_sha256: 'nothex'" in checked.output

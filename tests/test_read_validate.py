@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from allo_batch.cli import cli
@@ -147,20 +148,18 @@ def test_csv_with_bom_crlf_and_multiline_markdown(tmp_path: Path) -> None:
 text = st.text(st.characters(exclude_categories=["Cs"]), max_size=60)
 # Call ids that look right and are not: white space at one end, controls inside.
 ODD_IDS = ["cll-1 ", " cll-1", "cll-1\t", "cll-\n1", "cll-1\x00", "cll-1\x85", "cll-1\u00a0"]
-rows_strategy = st.lists(
-    st.fixed_dictionaries(
-        {
-            "call_id": st.one_of(
-                st.none(), st.sampled_from(["cll-1", "cll-2", "msg-1", "x", *ODD_IDS]), text
-            ),
-            "template_key": st.one_of(st.none(), st.sampled_from([*TEMPLATE_KEYS, "BAD", ""])),
-            "content": st.one_of(
-                st.none(), st.sampled_from(["a", "b", " ", "", "\x1f", "\u3000"]), text
-            ),
-        }
-    ),
-    max_size=30,
+row_fields = st.fixed_dictionaries(
+    {
+        "call_id": st.one_of(
+            st.none(), st.sampled_from(["cll-1", "cll-2", "msg-1", "x", *ODD_IDS]), text
+        ),
+        "template_key": st.one_of(st.none(), st.sampled_from([*TEMPLATE_KEYS, "BAD", ""])),
+        "content": st.one_of(
+            st.none(), st.sampled_from(["a", "b", " ", "", "\x1f", "\u3000"]), text
+        ),
+    }
 )
+rows_strategy = st.lists(row_fields, max_size=30)
 
 
 @settings(
@@ -231,6 +230,9 @@ def reference_codes(rows: list[dict[str, Any]]) -> list[str | None]:
             return "INVALID_REQUEST_BODY"
         if template is not None and template not in TEMPLATE_KEYS:
             return "INVALID_REQUEST_BODY"
+        expected = (row.get("expected_sha256") or "").strip(WHITE_SPACE)
+        if expected and not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
+            return "INVALID_REQUEST_BODY"
         return None
 
     codes = [own(r) for r in rows]
@@ -256,13 +258,30 @@ READ_SCHEMA = {
 }
 
 
+EXPECTED = st.one_of(
+    st.none(),
+    st.sampled_from(["a" * 64, "A0" * 32, "g" * 64, "a" * 63, "a" * 65, "", " ", f" {'b' * 64} "]),
+    text,
+)
+validation_rows = st.lists(
+    st.tuples(row_fields, EXPECTED).map(lambda pair: {**pair[0], "expected_sha256": pair[1]}),
+    max_size=30,
+)
+
+
 @settings(max_examples=150, deadline=None)
-@given(rows=rows_strategy)
+@given(rows=validation_rows)
+@example(  # blank, padded and upper-case hashes beside a bad one, on valid rows
+    rows=[
+        {"call_id": f"cll-{n}", "template_key": None, "content": "a", "expected_sha256": value}
+        for n, value in enumerate(["", " ", f" {'b' * 64} ", "A0" * 32, "g" * 64, None])
+    ]
+)
 def test_validation_agrees_with_the_reference(rows: list[dict[str, Any]]) -> None:
     """The vectorised checks give exactly the reference codes, duplicates included."""
     frame = pl.DataFrame(
         [{"row": i, **r} for i, r in enumerate(rows)],
-        schema=READ_SCHEMA,
+        schema={**READ_SCHEMA, "expected_sha256": pl.String},
     )
     checked = validate_batch(frame, duplicates_in(frame))
     assert checked["error_code"].to_list() == reference_codes(rows)
