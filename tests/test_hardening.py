@@ -382,3 +382,21 @@ def test_expected_sha256_is_checked_before_anything_is_sent(
     checked = invoke(["validate", str(source)])
     assert checked.exit_code == 1
     assert "column expected_sha256: 'nothex'" in checked.output
+
+
+def test_sandbox_options_need_sandbox_and_an_exported_ds_needs_a_job(tmp_path: Path) -> None:
+    """--sandbox-world and its kin without --sandbox would be dropped and the run sent to the
+    real API: exit 2 before anything. ALLO_BATCH_DS exported in a shell is for job runs: a
+    plain run ignores it (a --ds typed without --job is still exit 2)."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    for option in (["--sandbox-faults", "500=1"], ["--sandbox-rate", "9"], ["--sandbox-seed", "1"]):
+        refused = invoke(["run", str(source), "--base-url", "http://127.0.0.1:9", *option])
+        assert refused.exit_code == 2, refused.output
+        assert f"{option[0]} only applies with --sandbox" in refused.output
+    assert not (tmp_path / "in.results.parquet").exists()
+    env = {"ALLO_BATCH_DS": "2026-01-01"}
+    dry = invoke(["run", str(source), "--dry-run"], env=env)
+    assert dry.exit_code == 0, dry.output
+    typed = invoke(["run", str(source), "--dry-run", "--ds", "2026-01-01"], env={})
+    assert typed.exit_code == 2
+    assert "--ds only applies with --job" in typed.output

@@ -74,8 +74,13 @@ def run(
 
     console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
     _STATE["log"].console = console
+    context = click.get_current_context()
+    if job_file is None and _from_environment(context, "ds"):
+        ds = None  # ALLO_BATCH_DS is for job runs; exported in a shell, it must not break others
     with _exit_130_on_signals(console):
         try:
+            if not use_sandbox:
+                _refuse_sandbox_options(context)
             request = RunRequest(
                 storage_options=StorageOptions.parse(storage_options),
                 input=input_path,
@@ -141,6 +146,33 @@ def _run_all(configs: list[Any], console: Any) -> int:
         left = ", ".join(str(config.input) for config in done.not_started)
         console.skipped(f"not started after the stop above: {left}", done.exit_code)
     return done.exit_code
+
+
+_SANDBOX_TUNING = (
+    "sandbox_world",
+    "sandbox_rate",
+    "sandbox_faults",
+    "sandbox_seed",
+    "sandbox_persona",
+)
+
+
+def _refuse_sandbox_options(context: click.Context) -> None:
+    """A --sandbox-* option without --sandbox would be dropped, and the run sent to the real
+    API: exit 2 instead."""
+    from allo_batch.errors import UsageError
+
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in _SANDBOX_TUNING
+        if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)} only applies with --sandbox")
+
+
+def _from_environment(context: click.Context, name: str) -> bool:
+    return context.get_parameter_source(name) == click.core.ParameterSource.ENVIRONMENT
 
 
 def _sandbox_key() -> Any:
