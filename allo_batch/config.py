@@ -216,6 +216,9 @@ def _check_key(key: str, where: str) -> None:
     if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in key):
         msg = f"{where}: the API key holds white space or control characters; it is refused"
         raise UsageError(msg)
+    if not key.isascii():  # a header carries ASCII only: such a key cannot even be sent
+        msg = f"{where}: the API key holds characters other than ASCII; it is refused"
+        raise UsageError(msg)
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> datetime:
@@ -237,9 +240,18 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
 def check_base_url(url: str) -> str:
     """Refuse plain ``http://`` unless the host is loopback (the key would travel in clear)."""
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the URL holds a password. The key goes in ALLO_API_KEY, nothing in URLs.
+        msg = "--base-url: a user name or password in the URL is refused; give only the host"
+        raise UsageError(msg)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         msg = f"--base-url {url!r} is not an http(s) URL"
         raise UsageError(msg)
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port only when it is asked for)
+    except ValueError:
+        msg = f"--base-url {url!r}: the port must be a number from 0 to 65535"
+        raise UsageError(msg) from None
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         msg = f"--base-url {url!r}: plain http is allowed only to a loopback host; use https"
         raise UsageError(msg)

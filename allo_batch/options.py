@@ -78,7 +78,7 @@ class Option:
         if isinstance(value, str):
             return not self.choices or value in self.choices
         assert isinstance(value, int | float)
-        if math.isnan(value):
+        if not math.isfinite(value):  # NaN compares false with every bound; inf overflows
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -109,8 +109,7 @@ RUN_OPTIONS: Final = (
     Option(
         name="rate",
         kind="number",
-        low=0,
-        low_open=True,
+        low=0.0001,  # below that (a write every 3 hours) the pacer's arithmetic overflows
         help="Writes per second.",
         default_text="the key's write_per_second from /v2/api/me, else 5",
     ),

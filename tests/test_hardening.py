@@ -400,3 +400,59 @@ def test_sandbox_options_need_sandbox_and_an_exported_ds_needs_a_job(tmp_path: P
     typed = invoke(["run", str(source), "--dry-run", "--ds", "2026-01-01"], env={})
     assert typed.exit_code == 2
     assert "--ds only applies with --job" in typed.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--rate", "inf", "expected a number >= 0.0001, not inf"),
+        ("--rate", "nan", "expected a number >= 0.0001, not nan"),
+        ("--rate", "1e-300", "expected a number >= 0.0001, not 1e-300"),
+        ("--timeout", "inf", "expected a number > 0, not inf"),
+        ("--max-outage", "-inf", "expected a number >= 0, not -inf"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    tmp_path: Path, option: str, value: str, says: str
+) -> None:
+    """An infinite or vanishing number was an internal error (exit 70) deep in the pacer or
+    the client; it is exit 2 naming the option, on the command line and in a job spec."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    typed = invoke(["run", str(source), "--dry-run", option, value])
+    assert typed.exit_code == 2, typed.output
+    assert option in typed.output and value in typed.output  # click's own words
+    spec = tmp_path / "job.toml"
+    number = {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(value, value)
+    spec.write_text(f'input = "{source.name}"\n{option[2:].replace("-", "_")} = {number}\n')
+    specced = invoke(["run", "--job", str(spec), "--dry-run"])
+    assert specced.exit_code == 2, specced.output
+    assert says in specced.output
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"ALLO_API_KEY": "ak_PRÖBE_1", "ALLO_BASE_URL": "http://127.0.0.1:9"},
+            "ALLO_API_KEY: the API key holds characters other than ASCII; it is refused",
+        ),
+        (
+            {"ALLO_API_KEY": KEY, "ALLO_BASE_URL": "http://user:hunter2@127.0.0.1:9"},
+            "--base-url: a user name or password in the URL is refused; give only the host",
+        ),
+        (
+            {"ALLO_API_KEY": KEY, "ALLO_BASE_URL": "http://127.0.0.1:99999"},
+            "the port must be a number from 0 to 65535",
+        ),
+    ],
+)
+def test_a_key_or_base_url_that_cannot_be_used_is_exit_2(
+    tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    """A key a header cannot carry, a URL with a password or an impossible port: exit 2
+    before anything is sent (each was an internal error, exit 70), neither secret echoed."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    result = invoke(["run", str(source)], env=env)
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert "PRÖBE" not in result.output and "hunter2" not in result.output

@@ -45,8 +45,11 @@ def write_spec(folder: Path, text: str, name: str = "job.toml") -> Path:
     [
         ('rates = 5\ninput = "a.csv"', ["key 'rates'", "unknown key", "did you mean 'rate'?"]),
         ('bogus = 1\ninput = "a.csv"', ["key 'bogus'", "unknown key", "known keys: "]),
-        ('rate = "5"\ninput = "a.csv"', ["key 'rate'", "expected a number > 0", "a string ('5')"]),
-        ("rate = 0", ["key 'rate'", "expected a number > 0, not 0"]),
+        (
+            'rate = "5"\ninput = "a.csv"',
+            ["key 'rate'", "expected a number >= 0.0001", "a string ('5')"],
+        ),
+        ("rate = 0", ["key 'rate'", "expected a number >= 0.0001, not 0"]),
         ("concurrency = 2.5", ["key 'concurrency'", "expected an integer from 1 to 256"]),
         ("concurrency = 300", ["key 'concurrency'", "expected an integer from 1 to 256, not 300"]),
         ("max_errors = true", ["key 'max_errors'", "expected an integer >= 1, not a boolean"]),

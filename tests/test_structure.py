@@ -69,12 +69,12 @@ def test_every_run_option_of_the_table_is_a_flag_and_a_spec_key() -> None:
 @pytest.mark.parametrize(
     ("keywords", "message"),
     [
-        ({"rate": -1}, "JobConfig rate: expected a number > 0, not -1"),
+        ({"rate": -1}, "JobConfig rate: expected a number >= 0.0001, not -1"),
         ({"concurrency": 0}, "JobConfig concurrency: expected an integer from 1 to 256, not 0"),
         ({"timeout": 0}, "JobConfig timeout: expected a number > 0, not 0"),
         ({"limit": -3}, "JobConfig limit: expected an integer >= 0, not -3"),
         ({"input_format": "xlsx"}, "JobConfig format: expected one of"),
-        ({"rate": True}, "JobConfig rate: expected a number > 0, not True"),
+        ({"rate": True}, "JobConfig rate: expected a number >= 0.0001, not True"),
     ],
 )
 def test_a_job_config_from_python_is_checked_like_the_command_line(
