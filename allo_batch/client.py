@@ -40,7 +40,7 @@ from allo_batch.constants import (
     SUMMARY_PATH,
 )
 from allo_batch.errors import UsageError
-from allo_batch.models import CONNECTION_ERROR, TIMEOUT
+from allo_batch.models import CONNECTION_ERROR, TIMEOUT, URL_TOO_LONG
 
 AnswerKind = Literal["ok", "error", "unreadable", "transport"]
 AuthForm = Literal["prefixed", "bare"]
@@ -482,13 +482,19 @@ class AlloClient:
         sent_wall = time.time()
         started = time.perf_counter()
         index = lane % len(self._lanes)
-        request = httpx.Request(
-            method,
-            self._base + path,
-            content=body,
-            headers={**self._lane_headers[index], **headers, "X-Request-Id": request_id},
-            extensions={"timeout": self._lane_timeouts[index]},
-        )
+        try:
+            request = httpx.Request(
+                method,
+                self._base + path,
+                content=body,
+                headers={**self._lane_headers[index], **headers, "X-Request-Id": request_id},
+                extensions={"timeout": self._lane_timeouts[index]},
+            )
+        except httpx.InvalidURL:
+            # The docs bound ids only by their prefix, so such an id is valid input that no
+            # request can carry: its row fails, and a rerun cannot change that.
+            message = f"not sent: a {len(path):,}-character path is more than a URL can hold"
+            return _transport(request_id, URL_TOO_LONG, message, retryable=False)
         try:
             response = await self._lanes[index].send(request)
         except httpx.TimeoutException as exc:
@@ -553,13 +559,13 @@ def _printable(char: str) -> str:
     return char
 
 
-def _transport(request_id: str, code: str, message: str) -> Answer:
+def _transport(request_id: str, code: str, message: str, *, retryable: bool = True) -> Answer:
     now = time.time()
     return Answer(
         kind="transport",
         request_id=request_id,
         error_code=code,
-        retryable=True,
+        retryable=retryable,
         message=message,
         sent_wall=now,
         received_wall=now,

@@ -71,6 +71,7 @@ def done_rows_for(done: pl.DataFrame, keyed: pl.DataFrame) -> pl.DataFrame:
 DUPLICATE_ROW: Final = "DUPLICATE_ROW"
 TIMEOUT: Final = "TIMEOUT"
 CONNECTION_ERROR: Final = "CONNECTION_ERROR"
+URL_TOO_LONG: Final = "URL_TOO_LONG"  # an id httpx cannot put in a URL (65,536 characters)
 
 Reason = Literal[
     "dry_run",  # not_sent: a dry run sends nothing

@@ -456,3 +456,27 @@ def test_a_key_or_base_url_that_cannot_be_used_is_exit_2(
     assert result.exit_code == 2, result.output
     assert says in result.output
     assert "PRÖBE" not in result.output and "hunter2" not in result.output
+
+
+def test_an_id_too_long_for_a_url_fails_its_row_not_the_run(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """The docs bound ids by their prefix only, so a 70,000-character id is valid input; no URL
+    can carry it (httpx stops at 65,536). Its row fails with URL_TOO_LONG, not retryable; the
+    other rows land; exit 1, not the internal error (70) it was on every rerun."""
+    long_id = "cll-" + "a" * 70_000
+    source = write(tmp_path / "in.csv", ["cll-1", long_id, "cll-2"])
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world_of("cll-1", "cll-2"), api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url]
+        first, rerun = invoke(args), invoke(args)
+        writes = sandbox.state()["counters"]["writes_applied"]
+    assert first.exit_code == rerun.exit_code == 1, (first.output, rerun.output)
+    results = read_results(output)
+    assert results["status"].to_list() == ["skipped", "failed", "skipped"]
+    assert results["error_code"][1] == "URL_TOO_LONG"
+    assert results["retryable"][1] in (False, "false")
+    assert results["message"][1] == (
+        "not sent: a 70,040-character path is more than a URL can hold"
+    )
+    assert writes == 2
