@@ -28,6 +28,7 @@ from allo_batch.config import JobConfig, check_base_url
 from allo_batch.constants import (
     DEFAULT_WRITE_PER_SECOND,
     MAX_BATCH_IDS,
+    ME_PATH,
     READ_SCOPE,
     WRITE_SCOPE,
 )
@@ -640,6 +641,14 @@ async def _preflight(
                 f"the API refused the key: {answer.error_code} (HTTP {answer.http_status})"
             ),
         )
+    if answer.http_status == 404:
+        # /me is documented for every key: a 404 means the URL is not the API's (a path after
+        # the host, another service), and every request would be refused the same way.
+        msg = (
+            f"--base-url {config.base_url}: GET {ME_PATH} answered 404 ({answer.error_code}); "
+            "that is not the Allo API (give the scheme and host only)"
+        )
+        return _Preflight(fallback, UsageError(msg))
     data = answer.data if answer.kind == "ok" else None
     if data is None:
         return _Preflight(fallback)

@@ -480,3 +480,21 @@ def test_an_id_too_long_for_a_url_fails_its_row_not_the_run(
         "not sent: a 70,040-character path is more than a URL can hold"
     )
     assert writes == 2
+
+
+@pytest.mark.parametrize("extra", [[], ["--blind"], ["--dry-run"]])
+def test_a_base_url_that_is_not_the_api_is_exit_2_before_anything_is_sent(
+    sandbox_factory: SandboxFactory, tmp_path: Path, extra: list[str]
+) -> None:
+    """A base URL with a path after the host: /me answers 404, so every request would be
+    refused alike (with --blind, each row failed ENDPOINT_NOT_FOUND): exit 2 at once. A dry
+    run plans without reads and says why, as it does whenever the API cannot be read."""
+    source = write(tmp_path / "in.csv", ["cll-1", "cll-2"])
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world_of("cll-1", "cll-2"), api_key=KEY) as sandbox:
+        wrong = f"{sandbox.base_url}/v2"
+        result = invoke(["run", str(source), "-o", str(output), "--base-url", wrong, *extra])
+        counters = sandbox.state()["counters"]
+    assert result.exit_code == (0 if extra == ["--dry-run"] else 2), result.output
+    assert f"--base-url {wrong}: GET /v2/api/me answered 404" in result.output
+    assert counters["requests"] == 1  # /me alone
