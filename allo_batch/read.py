@@ -883,9 +883,12 @@ class Fingerprinter:
 
         if not frame.height:
             return
+        # A blank template is no template, as validation reads it: a re-export that writes
+        # "" where the last one left the field empty is the same input.
+        template = pl.col("template_key").str.strip_chars()
         key = pl.concat_str(
             pl.col("call_id").fill_null("\x00"),
-            pl.col("template_key").fill_null("\x00"),
+            pl.when(template.str.len_bytes() > 0).then(template).fill_null("\x00"),
             separator="\x1f",
         )
         joined = frame.select(key.str.join("\x1e")).item()

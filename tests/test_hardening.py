@@ -498,3 +498,17 @@ def test_a_base_url_that_is_not_the_api_is_exit_2_before_anything_is_sent(
     assert result.exit_code == (0 if extra == ["--dry-run"] else 2), result.output
     assert f"--base-url {wrong}: GET /v2/api/me answered 404" in result.output
     assert counters["requests"] == 1  # /me alone
+
+
+def test_a_blank_template_is_the_same_input_as_none(tmp_path: Path) -> None:
+    """A re-export that quotes an empty template ("") or pads one with blanks is the input the
+    result file was made from, as validation reads it; another template is not."""
+    output = tmp_path / "out.csv"
+    first, same, other = (tmp_path / f"{name}.csv" for name in ("first", "same", "other"))
+    first.write_text("call_id,template_key,content\ncll-1,,x\ncll-2,MARKDOWN_CLASSIC,y\n")
+    same.write_text('call_id,template_key,content\ncll-1,"",x\ncll-2, MARKDOWN_CLASSIC ,y\n')
+    other.write_text("call_id,template_key,content\ncll-1,,x\ncll-2,MARKDOWN_SHORT_CALL,y\n")
+    for source, code in ((first, 0), (same, 0), (other, 2)):
+        result = invoke(["run", str(source), "--dry-run", "-o", str(output)], env={})
+        assert result.exit_code == code, (source.name, result.output)
+    assert "holds results of another input" in result.output
