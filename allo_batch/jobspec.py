@@ -121,6 +121,9 @@ def load_spec(path: Path) -> JobSpec:
     except tomllib.TOMLDecodeError as exc:
         msg = f"{path}: not valid TOML: {exc}"
         raise UsageError(msg) from exc
+    except UnicodeDecodeError as exc:
+        msg = f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})"
+        raise UsageError(msg) from exc
     spec = JobSpec(path, raw)
     for key, value in raw.items():
         _check(spec, key, value)

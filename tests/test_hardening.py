@@ -3,7 +3,9 @@ each class with the exit code and the exact message a user sees."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 import time
 from hashlib import sha256
@@ -16,7 +18,7 @@ from click.testing import CliRunner
 
 from allo_batch.cli import cli
 from allo_batch.errors import ExitCode
-from allo_batch.record import journal_path, read_before_images, read_results
+from allo_batch.record import Journal, journal_path, read_before_images, read_results
 from allo_batch.sandbox import ApiKey, build_world
 from allo_batch.sandbox.world import World
 from tests.helpers import SandboxFactory
@@ -512,3 +514,37 @@ def test_a_blank_template_is_the_same_input_as_none(tmp_path: Path) -> None:
         result = invoke(["run", str(source), "--dry-run", "-o", str(output)], env={})
         assert result.exit_code == code, (source.name, result.output)
     assert "holds results of another input" in result.output
+
+
+def test_a_full_disk_stops_the_run_with_3_and_a_rerun_finishes(
+    sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills mid-run (the journal's 40th line): exit 3 with what the machine said,
+    not "internal error, a bug" (70); once there is room, a rerun lands the rest, none twice.
+    A command that sends nothing says the same with exit 2 (a name too long, here)."""
+    ids = [f"cll-{i}" for i in range(60)]
+    source, output = write(tmp_path / "in.csv", ids), tmp_path / "out.csv"
+    write_line = Journal._write
+    lines = iter(range(10**6))
+
+    def fill_up(self: Journal, record: dict[str, Any]) -> None:
+        if next(lines) >= 40:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_line(self, record)
+
+    with sandbox_factory(world_of(*ids), api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url]
+        monkeypatch.setattr(Journal, "_write", fill_up)
+        stopped = invoke(args)
+        monkeypatch.undo()
+        finished = invoke([*args, "--json"])
+        state = sandbox.state()
+    assert stopped.exit_code == 3, stopped.output
+    assert "No space left on device; the machine refused it (not a bug" in stopped.output
+    assert "a rerun resumes once it is fixed" in stopped.output
+    assert finished.exit_code == 0, finished.output
+    assert read_results(output)["call_id"].to_list() == ids
+    assert sorted(s["writes"] for s in state["summaries"]) == [1] * 60
+    named = invoke(["validate", str(tmp_path / ("x" * 300 + ".csv"))])
+    assert named.exit_code == 2, named.output
+    assert "File name too long; the machine refused it (not a bug, not your data)" in (named.output)

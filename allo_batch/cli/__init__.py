@@ -59,7 +59,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, _Interrupted):
             raise
-        except Exception as exc:  # a bug: nothing else reaches here
+        except Exception as exc:  # a bug, or the machine refusing a file
+            refused = _refused_by_the_machine(exc)
+            if refused is not None:
+                _machine_refused(refused, sends=ctx.invoked_subcommand in ("run", "undo"))
             _crash(exc)
 
 
@@ -79,6 +82,42 @@ def cli(debug: bool) -> None:
 def _fail(error: AlloBatchError) -> NoReturn:
     click.echo(f"allo-batch: {error}", err=True)
     sys.exit(int(error.exit_code))
+
+
+# What the machine, not allo-batch nor the data, can refuse: space, quota, a name too long,
+# permissions, a read-only filesystem, open-file limits.
+_MACHINE_ERRNOS = frozenset(
+    {"ENOSPC", "EDQUOT", "ENAMETOOLONG", "EACCES", "EPERM", "EROFS", "EMFILE", "ENFILE"}
+)
+
+
+def _refused_by_the_machine(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` when the machine refused a file, else None. In an exception
+    group (a task of the run), the first such one: the others are its consequences (a full
+    disk fails every writer, and the streams they fed break)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc if errno.errorcode.get(exc.errno or 0) in _MACHINE_ERRNOS else None
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _refused_by_the_machine(inner)) is not None:
+                return found
+    return None
+
+
+def _machine_refused(exc: OSError, *, sends: bool) -> NoReturn:
+    """Say what the machine refused; exit 3 (stopped early, a rerun resumes) for a command
+    that sends, else 2 (nothing was sent)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    text = f"allo-batch: {where}{exc.strerror or exc}; the machine refused it (not a bug, not "
+    if sends:
+        click.echo(
+            f"{text}your data). What landed is kept; a rerun resumes once it is fixed", err=True
+        )
+        sys.exit(int(ExitCode.STOPPED))
+    click.echo(f"{text}your data)", err=True)
+    sys.exit(int(ExitCode.USAGE))
 
 
 def _crash(exc: Exception) -> NoReturn:

@@ -13,6 +13,7 @@ from allo_batch.cli.options import (
     DIFF_OPTIONS,
     FILE,
     LOCATION,
+    MAX_SHOWN,
     REPORT_OPTIONS,
     column_option,
     declared,
@@ -32,7 +33,7 @@ from allo_batch.options import RunOptions
         (
             ["--show"],
             {
-                "type": click.IntRange(min=0),
+                "type": click.IntRange(min=0, max=MAX_SHOWN),
                 "default": 5,
                 "show_default": True,
                 "help": "Example rows shown per error code.",

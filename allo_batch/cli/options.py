@@ -11,6 +11,8 @@ import click
 
 from allo_batch.options import OPTIONS, RUN_OPTIONS, Option
 
+MAX_SHOWN = 10**9  # --show: more rows than any file holds, and within what polars can take
+
 F = TypeVar("F", bound=Callable[..., Any])
 Declared = list[tuple[list[str], dict[str, Any]]]
 
@@ -127,7 +129,8 @@ RUN_EXTRA_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [  # not in the tabl
 # fmt: off
 SANDBOX_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
     (["--host"], {"default": "127.0.0.1", "show_default": True, "help": "Address to listen on."}),
-    (["--port"], {"default": 8765, "show_default": True, "help": "Port; 0 picks a free one."}),
+    (["--port"], {"type": click.IntRange(0, 65535), "default": 8765, "show_default": True,
+     "help": "Port; 0 picks a free one."}),
     (["--api-key"], {"help": "The full-scope key [default: generated]."}),
     (["--write-rate"], {"default": 5, "show_default": True, "help": "Writes per second per key."}),
     (["--read-rate"], {"default": 20, "show_default": True, "help": "Reads per second per key."}),
@@ -144,7 +147,7 @@ DIFF_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
     (["-o", "--output"], {"type": path(), "help": "Preview file (.csv, .parquet, .ndjson) "
      "[default: <INPUT stem>.preview.csv beside INPUT]."}),
     (["--api-key-file"], {"type": path(), "help": "File holding the API key."}),
-    (["--show"], {"type": click.IntRange(min=0), "default": 5, "show_default": True,
+    (["--show"], {"type": click.IntRange(min=0, max=MAX_SHOWN), "default": 5, "show_default": True,
      "help": "Unified diffs printed (the first changed rows)."}),
     (["--html", "html_page"], {"type": path(dir_okay=False), "help": "Also write a "
      "self-contained page of side-by-side diffs (owner-only: it holds content)."}),
@@ -163,7 +166,7 @@ UNDO_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
 REPORT_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
     (["--json", "as_json"], {"is_flag": True, "help": "Print the summary (or --failed) as JSON."}),
     (["--failed"], {"is_flag": True, "help": "List the rows to fix by hand (invalid or failed)."}),
-    (["--show"], {"type": click.IntRange(min=0), "default": 50, "show_default": True,
+    (["--show"], {"type": click.IntRange(min=0, max=MAX_SHOWN), "default": 50, "show_default": True,
      "help": "Rows --failed lists (0: all)."}),
     (["--export-failed"], {"type": path(dir_okay=False), "help": "Write those rows of --input, "
      "every column, to FILE (.csv, .parquet, .ndjson)."}),

@@ -97,7 +97,7 @@ def load_world_file(path: Path) -> World:
     """Read a world JSON file (shape in the module docstring)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are both
         msg = f"{path}: cannot read the world file: {exc}"
         raise WorldError(msg) from exc
     world = World()
