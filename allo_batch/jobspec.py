@@ -251,9 +251,26 @@ def plan_files(
             f"the input matches {len(inputs)} files, so the output needs {{stem}} "
             "to give each its own result file",
         )
-    return [
+    planned = [
         PlannedFile(path, _placed(spec, template, {**values, "stem": path.stem})) for path in inputs
     ]
+    _refuse_shared_outputs(spec, planned)
+    return planned
+
+
+def _refuse_shared_outputs(spec: JobSpec, planned: list[PlannedFile]) -> None:
+    """Two inputs with one stem (``a.csv``, ``a.ndjson``) would share a result file: the second
+    run would be refused as another input after the first had sent. Refused before either."""
+    seen: dict[str, Location] = {}
+    for run in planned:
+        where = str(run.output)
+        if where in seen:
+            raise spec.error(
+                "output",
+                f"{seen[where]} and {run.input} would both write {where}; give each input its "
+                "own result file (rename one, or narrow the input pattern)",
+            )
+        seen[where] = run.input
 
 
 def spec_api_key(spec: JobSpec, env: Mapping[str, str] | None = None) -> Secret | None:

@@ -347,3 +347,18 @@ def test_json_logs_report_progress_stops_and_summary_without_content_or_key(
     assert "SECRET-CONTENT" not in every
     assert KEY not in every
     assert output.exists()
+
+
+def test_two_inputs_sharing_a_stem_are_refused_before_either_runs(tmp_path: Path) -> None:
+    """``a.csv`` and ``a.ndjson`` under ``{stem}`` would write one result file: the second run
+    was refused as another input after the first had sent. Exit 2 before anything."""
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    frame = pl.DataFrame({"call_id": ["cll-1"], "content": ["x"]})
+    frame.write_csv(drops / "a.csv")
+    frame.write_ndjson(drops / "a.ndjson")
+    spec = write_spec(tmp_path, 'input = "drops/a.*"\noutput = "results/{stem}.csv"\n')
+    result = invoke(["run", "--job", str(spec), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "a.csv and" in result.stderr and "a.ndjson would both write" in result.stderr
+    assert not (tmp_path / "results").exists()
