@@ -132,6 +132,9 @@ class JobConfig:
         if not 0 <= self.jitter_margin < 1:
             msg = f"JobConfig jitter_margin: expected 0 <= margin < 1, not {self.jitter_margin!r}"
             raise UsageError(msg)
+        if self.blind and self.verify:
+            msg = "--verify reads the written targets back, and --blind reads nothing: drop one"
+            raise UsageError(msg)
 
     @property
     def format(self) -> InputFormat:

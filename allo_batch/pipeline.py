@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -799,9 +798,11 @@ def _summarize(
         achieved = stats.achieved_rate()
         summary.achieved_rate = round(achieved, 3) if achieved else None
         if stats.latencies:
+            from allo_batch.send import percentile_ms
+
             ordered = sorted(stats.latencies)
-            summary.latency_p50_ms = round(statistics.median(ordered) * 1000, 1)
-            summary.latency_p95_ms = round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 1)
+            summary.latency_p50_ms = percentile_ms(ordered, 0.5)
+            summary.latency_p95_ms = percentile_ms(ordered, 0.95)
     if stopped is not None:
         summary.exit_code = int(stopped.exit_code)
     else:

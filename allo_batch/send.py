@@ -116,13 +116,15 @@ class Timeline:
                     "ok": bucket["ok"],
                     "rate_limited": bucket["rate_limited"],
                     "errors": bucket["errors"],
-                    "latency_ms": [_percentile(ordered, q) for q in (0.5, 0.95, 0.99)],
+                    "latency_ms": [percentile_ms(ordered, q) for q in (0.5, 0.95, 0.99)],
                 }
             )
         return {"bucket_seconds": self.width, "buckets": rows}
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
+def percentile_ms(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile of sorted seconds, in milliseconds: a value that occurred (the one
+    at rank ``q * n``), so a higher ``q`` never gives less, whatever ``n``."""
     if not ordered:
         return None
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)

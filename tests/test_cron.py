@@ -245,6 +245,23 @@ RESUMES = "the next run resumes"
         pytest.param(
             3,
             "",
+            stop_event("the --finish-by deadline 2026-11-24T06:00 passed; stopped"),
+            ["--finish-by deadline", "the next window's run resumes"],
+            [KEY_ADVICE],
+            id="3-deadline",
+        ),
+        pytest.param(
+            3,
+            "",
+            "allo-batch: No space left on device; the machine refused it (not a bug, not your "
+            "data). What landed is kept; a rerun resumes once it is fixed\n",
+            ["No space left on device", "a person must fix that, then " + RESUMES],
+            [KEY_ADVICE],
+            id="3-machine-refused",
+        ),
+        pytest.param(
+            3,
+            "",
             "Killed\n",
             [KEY_ADVICE, "--max-errors", RESUMES],
             [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from allo_batch.errors import ExitCode
 from allo_batch.record import Journal, journal_path, read_before_images, read_results
 from allo_batch.sandbox import ApiKey, build_world
 from allo_batch.sandbox.world import World
+from allo_batch.send import percentile_ms
 from tests.helpers import SandboxFactory
 
 KEY = "ak_hardening_key_88d2"
@@ -548,3 +550,22 @@ def test_a_full_disk_stops_the_run_with_3_and_a_rerun_finishes(
     named = invoke(["validate", str(tmp_path / ("x" * 300 + ".csv"))])
     assert named.exit_code == 2, named.output
     assert "File name too long; the machine refused it (not a bug, not your data)" in (named.output)
+
+
+def test_verify_and_blind_together_are_refused(tmp_path: Path) -> None:
+    """--verify reads back what was written; --blind reads nothing: the verify was skipped
+    without a word. Exit 2, before anything."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    result = invoke(["run", str(source), "--blind", "--verify", "--base-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    assert "--verify reads the written targets back, and --blind reads nothing" in result.output
+
+
+def test_latency_quantiles_never_cross() -> None:
+    """p95 is never below p50, with 1, 2 or many answers (the median of two used to be their
+    mean while p95 was the lower one)."""
+    for ordered in ([0.010], [0.0019, 0.0022], sorted(i / 1000 for i in range(1, 101))):
+        quantiles = [percentile_ms(ordered, q) or math.nan for q in (0.5, 0.95, 0.99)]
+        assert quantiles == sorted(quantiles), ordered
+        assert all(round(q / 1000, 7) in ordered for q in quantiles)
+    assert percentile_ms([0.0019, 0.0022], 0.95) == 2.2
