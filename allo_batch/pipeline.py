@@ -221,6 +221,8 @@ async def run_job_async(
     """The async form of :func:`run_job`."""
     output = config.output_path
     output_format(output)
+    if isinstance(output, Path) and output.is_dir():
+        raise UsageError(f"--output {output} is a folder; name a result file in it")
     _check_not_the_input(config)
     if isinstance(output, Path):
         _make_folder(output.parent)

@@ -65,8 +65,9 @@ _COPY_BLOCK: Final = 8 << 20
 log = logging.getLogger("allo_batch")
 
 
-def output_format(path: Path | ObjectUri) -> OutputFormat:
-    """The result format from the output's extension."""
+def output_format(path: Path | ObjectUri, option: str = "--output ") -> OutputFormat:
+    """The result format from the output's extension (``option`` leads a refusal: the one
+    that named the file, or nothing for a file read)."""
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -74,7 +75,7 @@ def output_format(path: Path | ObjectUri) -> OutputFormat:
         return "csv"
     if suffix in (".ndjson", ".jsonl"):
         return "ndjson"
-    msg = f"--output {path}: use a .parquet, .csv or .ndjson file name"
+    msg = f"{option}{path}: a result file is named .parquet, .csv or .ndjson"
     raise UsageError(msg)
 
 
@@ -353,7 +354,7 @@ def read_results(path: Path) -> pl.DataFrame:
     """
     import polars as pl
 
-    fmt = output_format(path)
+    fmt = output_format(path, "")
     schema = result_schema()
     with _reading_earlier(path):
         if path.stat().st_size == 0:
@@ -372,7 +373,7 @@ def scan_results(path: Path) -> pl.LazyFrame:
     columns or rows); see :func:`read_results`."""
     import polars as pl
 
-    fmt = output_format(path)
+    fmt = output_format(path, "")
     with _reading_earlier(path):
         if path.stat().st_size == 0:
             return pl.LazyFrame(schema=result_schema())
@@ -740,7 +741,7 @@ def _result_batches(path: Path, schema: dict[str, Any]) -> Iterator[pl.DataFrame
     import polars as pl
     import pyarrow as pa
 
-    fmt = output_format(path)
+    fmt = output_format(path, "")
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

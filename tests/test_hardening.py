@@ -569,3 +569,22 @@ def test_latency_quantiles_never_cross() -> None:
         assert quantiles == sorted(quantiles), ordered
         assert all(round(q / 1000, 7) in ordered for q in quantiles)
     assert percentile_ms([0.0019, 0.0022], 0.95) == 2.2
+
+
+def test_an_output_that_is_a_folder_or_no_result_file_is_named_plainly(tmp_path: Path) -> None:
+    """-o naming a folder said polars' "expanded paths were empty"; report of a file that is
+    no result file blamed an --output nobody gave."""
+    source = write(tmp_path / "in.csv", ["cll-1"])
+    (tmp_path / "out.csv").mkdir()
+    folder = invoke(["run", str(source), "--dry-run", "-o", str(tmp_path / "out.csv")])
+    assert folder.exit_code == 2
+    assert f"--output {tmp_path / 'out.csv'} is a folder; name a result file in it" in (
+        folder.output
+    )
+    (tmp_path / "in.csv.gz").write_bytes(b"")
+    report = invoke(["report", str(tmp_path / "in.csv.gz")])
+    assert report.exit_code == 2
+    assert report.output.strip().endswith(
+        f"{tmp_path / 'in.csv.gz'}: a result file is named .parquet, .csv or .ndjson"
+    )
+    assert "--output" not in report.output
