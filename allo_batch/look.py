@@ -293,9 +293,7 @@ class Looker:
         for item in looked:
             change = item.change
             self.changes[change] = self.changes.get(change, 0) + 1
-            expected = item.request.expected_sha256
-            # Hex in either case; a blank one is no expectation (as validation treats it).
-            expected = (expected.strip().lower() or None) if expected is not None else None
+            expected = item.request.expected_sha256  # normalized by validation
             # A target that already holds this row's content is no conflict: an undo resumed
             # after its restore landed in flight finds exactly that.
             holds_it = item.current.sha256 == item.request.content_sha256

@@ -43,6 +43,16 @@ NO_TEMPLATE: Final = ""
 DONE_KEYS: Final = ("_done_k1", "_done_k2")
 
 
+def stripped_or_null(name: str) -> pl.Expr:
+    """Column ``name`` without surrounding blanks, and null where nothing is left: how a blank
+    optional field reads (no template, no expected hash), in validation and in the input's
+    fingerprint alike."""
+    import polars as pl
+
+    value = pl.col(name).str.strip_chars()
+    return pl.when(value.str.len_bytes() > 0).then(value).otherwise(None).alias(name)
+
+
 def done_keys() -> list[pl.Expr]:
     """The done index's key of each row of a frame with ``call_id``, ``template_key`` (null for
     none) and ``content_sha256``; the planner computes the same for each batch."""

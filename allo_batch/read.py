@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from allo_batch.config import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, InputFormat, literal_path
 from allo_batch.errors import InputError
-from allo_batch.models import FIELDS, KEY_FIELDS, ROW
+from allo_batch.models import FIELDS, KEY_FIELDS, ROW, stripped_or_null
 
 if TYPE_CHECKING:
     import polars as pl
@@ -885,10 +885,9 @@ class Fingerprinter:
             return
         # A blank template is no template, as validation reads it: a re-export that writes
         # "" where the last one left the field empty is the same input.
-        template = pl.col("template_key").str.strip_chars()
         key = pl.concat_str(
             pl.col("call_id").fill_null("\x00"),
-            pl.when(template.str.len_bytes() > 0).then(template).fill_null("\x00"),
+            stripped_or_null("template_key").fill_null("\x00"),
             separator="\x1f",
         )
         joined = frame.select(key.str.join("\x1e")).item()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
-from allo_batch.models import CODE, DUPLICATE_ROW, MESSAGE, REPEAT_OF, ROW
+from allo_batch.models import CODE, DUPLICATE_ROW, MESSAGE, REPEAT_OF, ROW, stripped_or_null
 
 if TYPE_CHECKING:
     import polars as pl
@@ -23,7 +23,7 @@ _SHOWN_ROWS: Final = 5
 # the result file, so a pasted secret or a line of content in the wrong column must not be.
 _SHOWN_CHARS: Final = 40
 _CONTROL: Final = r"\p{Cc}"
-_SHA256: Final = r"^[0-9a-fA-F]{64}$"
+_SHA256: Final = r"^[0-9a-f]{64}$"
 
 
 def _escapes() -> dict[str, str]:
@@ -72,20 +72,20 @@ def _bad_call_id() -> pl.Expr:
 
 def normalized_template() -> pl.Expr:
     """``template_key`` with surrounding blanks removed and empty values as null."""
-    import polars as pl
+    return stripped_or_null("template_key")
 
-    key = pl.col("template_key").str.strip_chars()
-    return pl.when(key.str.len_bytes() > 0).then(key).otherwise(None).alias("template_key")
+
+def normalized_expected() -> pl.Expr:
+    """``expected_sha256`` as it is compared with a target's hash: hex in lower case, a blank
+    one null (no expectation)."""
+    return stripped_or_null("expected_sha256").str.to_lowercase()
 
 
 def _bad_expected() -> pl.Expr:
     """An ``expected_sha256`` that is not a SHA-256 (64 hex digits, either case): no content
     could match it, so the row would always end as a conflict."""
-    import polars as pl
-
-    expected = pl.col("expected_sha256")
-    given = expected.str.strip_chars().str.len_bytes() > 0  # blank: no expectation
-    return given & ~expected.str.strip_chars().str.contains(_SHA256)
+    expected = normalized_expected()
+    return expected.is_not_null() & ~expected.str.contains(_SHA256)
 
 
 def _with_expected(batch: pl.DataFrame) -> pl.DataFrame:
@@ -175,7 +175,8 @@ def validate_batch(batch: pl.DataFrame, duplicates: Duplicates) -> pl.DataFrame:
     import polars as pl
 
     checked = _with_expected(batch).with_columns(normalized_template()).with_columns(issue_code())
-    checked = checked.with_columns(_messages(checked))
+    # Messages quote the file's own hash; the planner and the look stage get it normalized.
+    checked = checked.with_columns(_messages(checked)).with_columns(normalized_expected())
     marks = duplicates.frame
     if marks.height == 0:
         return checked.with_columns(pl.lit(None, dtype=pl.Int64).alias(REPEAT_OF))

@@ -110,14 +110,10 @@ def _machine_refused(exc: OSError, *, sends: bool) -> NoReturn:
     """Say what the machine refused; exit 3 (stopped early, a rerun resumes) for a command
     that sends, else 2 (nothing was sent)."""
     where = f"{exc.filename}: " if exc.filename else ""
-    text = f"allo-batch: {where}{exc.strerror or exc}; the machine refused it (not a bug, not "
-    if sends:
-        click.echo(
-            f"{text}your data). What landed is kept; a rerun resumes once it is fixed", err=True
-        )
-        sys.exit(int(ExitCode.STOPPED))
-    click.echo(f"{text}your data)", err=True)
-    sys.exit(int(ExitCode.USAGE))
+    said = f"{where}{exc.strerror or exc}; the machine refused it (not a bug, not your data)"
+    after = ". What landed is kept; a rerun resumes once it is fixed" if sends else ""
+    click.echo(f"allo-batch: {said}{after}", err=True)
+    sys.exit(int(ExitCode.STOPPED if sends else ExitCode.USAGE))
 
 
 def _crash(exc: Exception) -> NoReturn:

@@ -148,15 +148,6 @@ def _run_all(configs: list[Any], console: Any) -> int:
     return done.exit_code
 
 
-_SANDBOX_TUNING = (
-    "sandbox_world",
-    "sandbox_rate",
-    "sandbox_faults",
-    "sandbox_seed",
-    "sandbox_persona",
-)
-
-
 def _refuse_sandbox_options(context: click.Context) -> None:
     """A --sandbox-* option without --sandbox would be dropped, and the run sent to the real
     API: exit 2 instead."""
@@ -164,8 +155,9 @@ def _refuse_sandbox_options(context: click.Context) -> None:
 
     given = [
         f"--{name.replace('_', '-')}"
-        for name in _SANDBOX_TUNING
-        if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        for param in context.command.params
+        if (name := param.name or "").startswith("sandbox_")
+        and context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     ]
     if given:
         raise UsageError(f"{', '.join(given)} only applies with --sandbox")
