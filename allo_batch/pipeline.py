@@ -847,7 +847,7 @@ def _check_rows(
     hashes = []
     for batch in read_ahead(iter_batches(source, config.batch_size)):
         checked = validate_batch(batch, duplicates)
-        hashes.append(target_hashes(checked))
+        hashes.append(target_hashes(checked, checked=True))
         found.rows += checked.height
         found.repeats += int(checked[REPEAT_OF].is_not_null().sum())
         invalid = checked.filter(checked[CODE].is_not_null()).select(

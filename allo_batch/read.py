@@ -877,28 +877,42 @@ class Fingerprinter:
         self._digest = hashlib.sha256()
         self.rows = 0
 
-    def add(self, frame: pl.DataFrame) -> None:
-        """Take in one batch of ``call_id, template_key`` rows."""
+    def add(self, frame: pl.DataFrame, *, checked: bool = False) -> None:
+        """Take in one batch of ``call_id, template_key`` rows (``checked``: rows validation
+        has been through, whose template_key it normalized already)."""
         import polars as pl
 
         if not frame.height:
             return
         # A blank template is no template, as validation reads it: a re-export that writes
         # "" where the last one left the field empty is the same input.
+        template = pl.col("template_key") if checked else stripped_or_null("template_key")
         key = pl.concat_str(
             pl.col("call_id").fill_null("\x00"),
-            stripped_or_null("template_key").fill_null("\x00"),
-            separator="\x1f",
+            pl.lit("\x1f"),
+            template.fill_null("\x00"),
+            pl.lit("\x1e"),
         )
-        joined = frame.select(key.str.join("\x1e")).item()
-        self._digest.update(joined.encode())
-        self._digest.update(b"\x1e")
+        # Polars hands over large strings: each chunk's bytes are contiguous.
+        _digest_values(self._digest, frame.select(key).to_series().to_arrow())
         self.rows += frame.height
 
     def result(self) -> InputFingerprint:
         """The fingerprint of every row added so far."""
         where = str(self._origin) if self._origin is not None else str(self._path.resolve())
         return InputFingerprint(where, self.rows, self._digest.hexdigest())
+
+
+def _digest_values(digest: Any, array: Any) -> None:
+    """Feed ``digest`` the UTF-8 bytes of every value of ``array`` (an Arrow array or chunked
+    array of large strings), back to back, straight from the buffers that hold them: no
+    Python string, no second copy."""
+    for chunk in getattr(array, "chunks", [array]):
+        _validity, offsets, data = chunk.buffers()
+        if data is None or not len(chunk):
+            continue
+        ends = memoryview(offsets).cast("q")  # int64 offsets, from the chunk's own offset
+        digest.update(memoryview(data)[ends[chunk.offset] : ends[chunk.offset + len(chunk)]])
 
 
 def key_batches(source: InputSource, batch_size: int) -> Iterator[pl.DataFrame]:

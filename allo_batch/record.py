@@ -614,12 +614,13 @@ class OrderedResults:
 # Columns of few distinct values: dictionary-encoded. The others (ids, hashes, times) are
 # mostly distinct, and trying a dictionary on them costs more than it saves; those that share
 # prefixes row after row, or count up, are delta-encoded instead (a fifth less time to write
-# than plain, and smaller; polars and pyarrow read both).
+# than plain, and smaller; polars and pyarrow read both). Hashes share no prefixes: only
+# their lengths are delta-encoded (a sixth less time than prefixes, and no larger).
 _DICTIONARY_COLUMNS: Final = ("template_key", "status", "error_code", "message", "reason")
 _DELTA_COLUMNS: Final = {
     "row": "DELTA_BINARY_PACKED",
     "call_id": "DELTA_BYTE_ARRAY",
-    "content_sha256": "DELTA_BYTE_ARRAY",
+    "content_sha256": "DELTA_LENGTH_BYTE_ARRAY",
     "updated_at": "DELTA_BYTE_ARRAY",
     "request_id": "DELTA_BYTE_ARRAY",
 }

@@ -222,16 +222,19 @@ def no_duplicates() -> Duplicates:
     )
 
 
-def key_hash() -> pl.Expr:
-    """A 64-bit hash of a row's target: ``call_id`` and the normalised ``template_key``."""
+def key_hash(*, checked: bool = False) -> pl.Expr:
+    """A 64-bit hash of a row's target: ``call_id`` and the normalised ``template_key``
+    (``checked``: of a validated batch, whose template_key is normalized already)."""
     import polars as pl
 
-    return pl.struct(pl.col("call_id"), normalized_template()).hash(seed=2).alias("key_hash")
+    template = pl.col("template_key") if checked else normalized_template()
+    return pl.struct(pl.col("call_id"), template).hash(seed=2).alias("key_hash")
 
 
-def target_hashes(frame: pl.DataFrame) -> pl.Series:
-    """The :func:`key_hash` of every row of a key-only batch."""
-    return frame.select(key_hash())["key_hash"]
+def target_hashes(frame: pl.DataFrame, *, checked: bool = False) -> pl.Series:
+    """The :func:`key_hash` of every row of a key-only batch (``checked``: of a batch
+    :func:`validate_batch` returned)."""
+    return frame.select(key_hash(checked=checked))["key_hash"]
 
 
 def repeated_hashes(hashes: pl.Series | list[pl.Series]) -> pl.Series:

@@ -529,3 +529,106 @@ def test_reading_ahead_keeps_the_order_stays_one_batch_ahead_and_raises_where_th
     assert got == [0, 1, 2]
     assert asked == [0, 1, 2, 3]
     assert list(read_ahead(iter(()))) == []
+
+
+class TestFingerprint:
+    """The input's fingerprint is kept in every result file's sidecar and compared by each
+    rerun: its bytes must never change, however it is computed."""
+
+    @staticmethod
+    def _reference(rows: list[tuple[str | None, str | None]]) -> str:
+        """The documented form, built by hand: each row as call_id, 0x1f, the template (or
+        NUL for none, a blank one being none), 0x1e; NUL for a missing call id."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for call_id, template in rows:
+            kept = template.strip() if template is not None else None
+            digest.update((call_id if call_id is not None else "\0").encode())
+            digest.update(b"\x1f" + (kept.encode() if kept else b"\0") + b"\x1e")
+        return digest.hexdigest()
+
+    ROWS: tuple[tuple[str | None, str | None], ...] = (
+        ("cll-1", "MARKDOWN_CLASSIC"),
+        ("cll-é日本", None),
+        (None, " MARKDOWN_SHORT_CALL "),
+        ("cll-3", ""),
+        ("cll-4", "   "),
+        ("", "x"),
+    )
+
+    def _frame(self, rows: Any) -> pl.DataFrame:
+        return pl.DataFrame(
+            list(rows), schema={"call_id": pl.String, "template_key": pl.String}, orient="row"
+        )
+
+    def test_digest_is_the_documented_bytes_whatever_the_batches(self, tmp_path: Path) -> None:
+        """One frame, a sliced one (an Arrow offset), one of several chunks, batches split
+        anywhere, and validated batches (template already normalized): the same digest."""
+        from allo_batch.read import Fingerprinter
+
+        rows = list(self.ROWS) * 3
+        expected = self._reference(rows)
+        whole = Fingerprinter(tmp_path)
+        whole.add(self._frame(rows))
+        assert whole.result().keys_sha256 == expected
+        assert whole.result().rows == len(rows)
+
+        split = Fingerprinter(tmp_path)
+        padded = self._frame([("cll-pad", None), *rows, ("cll-pad", None)])
+        for start in range(1, len(rows) + 1, 4):  # batches split anywhere
+            split.add(padded.slice(start, min(4, len(rows) + 1 - start)))
+        assert split.result().keys_sha256 == expected
+
+        chunked = pl.concat([self._frame(rows[:5]), self._frame(rows[5:])], rechunk=False)
+        assert chunked.n_chunks() > 1
+        several = Fingerprinter(tmp_path)
+        several.add(chunked)
+        assert several.result().keys_sha256 == expected
+
+        checked = validate_batch(
+            self._frame(rows)
+            .with_row_index("row")
+            .with_columns(pl.col("row").cast(pl.Int64), pl.lit("text").alias("content")),
+            _no_dups(),
+        )
+        normalized = Fingerprinter(tmp_path)
+        normalized.add(checked, checked=True)
+        assert normalized.result().keys_sha256 == expected
+
+    def test_bytes_come_from_where_an_arrow_array_starts_and_ends(self) -> None:
+        """Arrow arrays may be slices of bigger buffers (an offset, offsets not from 0):
+        only the array's own bytes are hashed, chunk after chunk."""
+        import hashlib
+
+        import pyarrow as pa
+
+        from allo_batch.read import _digest_values
+
+        values = pa.array(["aa", "bé", None, "cc", "dd"], pa.large_string())
+        expected = hashlib.sha256("béccdd".encode()).hexdigest()
+        digest = hashlib.sha256()
+        _digest_values(digest, values.slice(1, 3))
+        _digest_values(digest, pa.chunked_array([values.slice(4, 1), values.slice(0, 0)]))
+        assert digest.hexdigest() == expected
+
+    def test_checked_target_hashes_are_the_raw_ones(self) -> None:
+        """``validate`` hashes targets of validated batches without normalizing the template
+        again: the hashes, and so the duplicates found, are those of the raw rows."""
+        from allo_batch.validate import target_hashes
+
+        raw = (
+            self._frame(self.ROWS)
+            .with_row_index("row")
+            .with_columns(pl.col("row").cast(pl.Int64), pl.lit("text").alias("content"))
+        )
+        checked = validate_batch(raw, _no_dups())
+        assert target_hashes(checked, checked=True).to_list() == target_hashes(raw).to_list()
+        # A normalization that is skipped on raw rows does change them: the flag matters.
+        assert target_hashes(raw, checked=True).to_list() != target_hashes(raw).to_list()
+
+
+def _no_dups() -> Any:
+    from allo_batch.validate import no_duplicates
+
+    return no_duplicates()

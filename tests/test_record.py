@@ -115,6 +115,36 @@ def test_a_preview_file_in_parquet_has_the_types_any_arrow_reader_knows(tmp_path
     ]
 
 
+def test_parquet_columns_are_encoded_for_what_they_hold(tmp_path: Path) -> None:
+    """Few distinct values: a dictionary; ids and times that share prefixes: delta strings;
+    hashes, which share none: only their lengths delta-encoded (the cheapest to write, and
+    no larger). Written in row groups, read back exactly."""
+    output = tmp_path / "results.parquet"
+    writer = OrderedResults(output)
+    rows = [
+        RowResult(
+            row=row,
+            call_id=f"cll-{row:09d}",
+            template_key="MARKDOWN_CLASSIC",
+            status="updated",
+            content_sha256=f"{row:064x}",
+        )
+        for row in range(50)
+    ]
+    for result in rows:
+        writer.add(result)
+    writer.finish()
+    meta = pq.ParquetFile(output).metadata.row_group(0)
+    encodings = {
+        meta.column(i).path_in_schema: set(meta.column(i).encodings)
+        for i in range(meta.num_columns)
+    }
+    assert "DELTA_LENGTH_BYTE_ARRAY" in encodings["content_sha256"]
+    assert "DELTA_BYTE_ARRAY" in encodings["call_id"]
+    assert "RLE_DICTIONARY" in encodings["status"]
+    assert read_results(output).rows() == [r.as_tuple() for r in rows]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_empty_job_writes_a_result_file_every_command_reads(fmt: str, tmp_path: Path) -> None:
     """Zero rows is a valid job: the file is readable by rerun and report."""
