@@ -248,6 +248,7 @@ def test_a_bug_exits_70_with_one_line_and_a_saved_traceback_and_loses_nothing(
             raise RuntimeError("a bug in the recorder")
         real(self, result)
 
+    monkeypatch.setattr("allo_batch.cli._crash_folder", lambda: tmp_path)
     with sandbox_factory(world_of(*ids), api_key=KEY) as sandbox:
         args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url]
         monkeypatch.setattr(record.Recorder, "finished", flaky)
@@ -262,11 +263,48 @@ def test_a_bug_exits_70_with_one_line_and_a_saved_traceback_and_loses_nothing(
     [line] = crashed.stderr.strip().splitlines()[-1:]
     assert line.startswith("allo-batch: internal error (")
     saved = Path(line.split("Traceback saved to ")[1].split(";")[0])
+    assert saved.parent == tmp_path
     assert "a bug in the recorder" in saved.read_text()
     assert saved.stat().st_mode & 0o777 == 0o600
     assert "Traceback (most recent call last)" not in crashed.stderr
     assert rerun.exit_code == 0
     assert writes - landed <= 60 - 29 + 8  # the rest, plus at most the requests then in flight
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_bug_under_json_logs_ends_with_a_json_stop_event(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``--log-format json`` every stderr line of ``run`` is a JSON object, a bug's last
+    word too: a ``stop`` event with exit code 70 that names the saved traceback. A command
+    without a console (``validate``) says it in one plain line."""
+    from allo_batch import validate
+
+    source = write(tmp_path / "in.csv", ["cll-001", "cll-002"])
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in validation")
+
+    monkeypatch.setattr(validate, "validate_batch", broken)
+    monkeypatch.setattr("allo_batch.pipeline.validate_batch", broken)
+    monkeypatch.setattr("allo_batch.cli._crash_folder", lambda: tmp_path)
+    if command == "run":
+        args = ["run", str(source), "--dry-run", "-o", str(tmp_path / "out.csv")]
+        crashed = invoke([*args, "--log-format", "json"], env={"ALLO_API_KEY": ""})
+    else:
+        crashed = invoke(["validate", str(source)], env={})
+    assert crashed.exit_code == ExitCode.INTERNAL
+    lines = crashed.stderr.strip().splitlines()
+    if command == "run":
+        events = [json.loads(line) for line in lines]  # every line, the last one too
+        assert (events[-1]["event"], events[-1]["exit_code"]) == ("stop", 70)
+        said = events[-1]["reason"]
+    else:
+        said = lines[-1].removeprefix("allo-batch: ")
+    assert said.startswith("internal error (RuntimeError); this is a bug, not your data")
+    saved = Path(said.split("Traceback saved to ")[1].split(";")[0])
+    assert saved.parent == tmp_path
+    assert "a bug in validation" in saved.read_text()
 
 
 def test_a_ten_second_outage_is_ridden_out(sandbox_factory: SandboxFactory, tmp_path: Path) -> None:

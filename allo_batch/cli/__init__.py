@@ -76,7 +76,9 @@ def cli(debug: bool) -> None:
     from allo_batch.report import ConsoleLogHandler
 
     _STATE["debug"] = debug
-    _STATE.setdefault("log", ConsoleLogHandler()).install()
+    handler = _STATE.setdefault("log", ConsoleLogHandler())
+    handler.console = None  # an earlier command's, in a process that runs several (tests)
+    handler.install()
 
 
 def _fail(error: AlloBatchError) -> NoReturn:
@@ -112,28 +114,46 @@ def _machine_refused(exc: OSError, *, sends: bool) -> NoReturn:
     where = f"{exc.filename}: " if exc.filename else ""
     said = f"{where}{exc.strerror or exc}; the machine refused it (not a bug, not your data)"
     after = ". What landed is kept; a rerun resumes once it is fixed" if sends else ""
-    click.echo(f"allo-batch: {said}{after}", err=True)
-    sys.exit(int(ExitCode.STOPPED if sends else ExitCode.USAGE))
+    code = ExitCode.STOPPED if sends else ExitCode.USAGE
+    _last_word(f"{said}{after}", code)
+    sys.exit(int(code))
+
+
+def _last_word(message: str, exit_code: int) -> None:
+    """The line a command ends with when it ends here: through the run's console once
+    ``run`` or ``undo`` set one up (a ``stop`` event under ``--log-format json``, so every
+    line of such a log stays JSON), else plain."""
+    console = getattr(_STATE.get("log"), "console", None)
+    if console is not None:
+        console.failed(message, exit_code)
+    else:
+        click.echo(f"allo-batch: {message}", err=True)
+
+
+def _crash_folder() -> Path:
+    """Where a crash's traceback is saved: the system's temporary folder."""
+    import tempfile
+
+    return Path(tempfile.gettempdir())
 
 
 def _crash(exc: Exception) -> NoReturn:
     import os
-    import tempfile
     import traceback
 
     text = "".join(traceback.format_exception(exc))
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    path = Path(tempfile.gettempdir()) / f"allo-batch-crash-{stamp}-{os.getpid()}.txt"
+    path = _crash_folder() / f"allo-batch-crash-{stamp}-{os.getpid()}.txt"
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
     if _STATE["debug"]:
         click.echo(text, err=True, nl=False)
-    click.echo(
-        f"allo-batch: internal error ({type(exc).__name__}); this is a bug, not your data. "
+    _last_word(
+        f"internal error ({type(exc).__name__}); this is a bug, not your data. "
         f"Traceback saved to {path}; the journal keeps what landed, a rerun resumes",
-        err=True,
+        ExitCode.INTERNAL,
     )
     sys.exit(int(ExitCode.INTERNAL))
 
