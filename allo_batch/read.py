@@ -141,9 +141,20 @@ def _open_local(path: Path, fmt: InputFormat, mapping: dict[str, str] | None) ->
     columns = _map_columns(path, found, mapping or {})
     for source in columns.values():
         if source is not None and kinds.get(source):
-            msg = f"{path}: column {_shown(source)} holds {kinds[source]}, not text"
-            raise InputError(msg)
+            raise InputError(_not_text(path, fmt, source, kinds[source], columns))
     return InputSource(path, fmt, columns, found)
+
+
+def _not_text(
+    path: Path, fmt: InputFormat, name: str, kind: str, columns: dict[str, str | None]
+) -> str:
+    """Why a column that must be text is refused. A Parquet column has one type for every
+    row; an NDJSON one has a type per line, so the first line that is not text is named."""
+    if fmt == "ndjson":
+        problem = _ndjson_problem(path, [c for c in columns.values() if c is not None])
+        if problem:
+            return f"{path}: cannot read it as ndjson: {problem}"
+    return f"{path}: column {_shown(name)} holds {kind}, not text"
 
 
 def _map_columns(

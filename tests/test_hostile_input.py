@@ -250,14 +250,20 @@ def test_polars_categorical_and_enum_columns_are_text(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "kind"),
-    [("5", "numbers (Int64)"), ("true", "booleans (Boolean)"), ("[1]", "lists (List)")],
+    [("5", "a number"), ("true", "a boolean"), ("[1]", "a list"), ('{"a": 1}', "an object")],
 )
-def test_an_ndjson_column_that_is_not_text_is_refused(
-    tmp_path: Path, value: str, kind: str
+@pytest.mark.parametrize("name", ["content", "template_key", "expected_sha256"])
+def test_an_ndjson_column_that_is_not_text_is_refused_at_its_first_such_line(
+    tmp_path: Path, value: str, kind: str, name: str
 ) -> None:
+    """A column whose only values are not text (after nulls and blank lines): the message
+    names the file, the line and the column, as for a value among strings."""
     path = tmp_path / "typed.ndjson"
-    path.write_text(f'{{"call_id": "cll-1", "content": {value}}}\n')
-    assert f"column 'content' holds {kind}, not text" in refusal(path, "ndjson")
+    values = {"call_id": "cll-1", "content": "a", name: None}
+    path.write_text(json.dumps(values) + "\n\n" + json.dumps(values).replace("null", value) + "\n")
+    assert refusal(path, "ndjson") == (
+        f"{path}: cannot read it as ndjson: line 3: column '{name}' holds {kind}, not text"
+    )
 
 
 @pytest.mark.parametrize(
