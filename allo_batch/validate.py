@@ -237,63 +237,6 @@ def target_hashes(frame: pl.DataFrame, *, checked: bool = False) -> pl.Series:
     return frame.select(key_hash(checked=checked))["key_hash"]
 
 
-def _call_hash() -> pl.Expr:
-    """A 64-bit hash of a row's call id alone."""
-    import polars as pl
-
-    return pl.col("call_id").hash(seed=3).alias("call_hash")
-
-
-class Targets:
-    """What the first pass over an input learns of its targets, a batch at a time: every
-    row's :func:`key_hash`, and whether some rows name a template while others name none
-    (then a row without one may update the very summary another row names: the API applies
-    it to the call's only completed summary)."""
-
-    def __init__(self) -> None:
-        self._hashes: list[pl.Series] = []
-        self._bare = self._named = False
-
-    def add(self, frame: pl.DataFrame, *, checked: bool = False) -> None:
-        """Take in a key-only batch (``checked``: a batch :func:`validate_batch` returned,
-        whose template_key it normalized already)."""
-        if not checked:
-            frame = frame.select("call_id", normalized_template())
-        nulls = frame.get_column("template_key").null_count()
-        self._bare |= nulls > 0
-        self._named |= nulls < frame.height
-        self._hashes.append(target_hashes(frame, checked=True))
-
-    @property
-    def mixed(self) -> bool:
-        """Whether rows came both with and without a template_key."""
-        return self._bare and self._named
-
-    def repeated(self) -> pl.Series:
-        """The key hashes seen more than once (:func:`repeated_hashes`); the hashes kept so
-        far are let go."""
-        found = repeated_hashes(self._hashes)
-        self._hashes.clear()
-        return found
-
-
-def mixed_calls(batches: Iterable[pl.DataFrame]) -> pl.Series:
-    """The hashes of the calls that key-only ``batches`` give both with and without a
-    template_key: where rows may meet on one summary. Hashes only, a superset:
-    :func:`find_duplicates` confirms on the real strings, and on valid rows."""
-    import polars as pl
-
-    bare, named = [], []
-    for frame in batches:
-        hashed = frame.select(_call_hash(), normalized_template().is_null().alias("bare"))
-        bare.append(hashed.filter(pl.col("bare")).get_column("call_hash").unique())
-        named.append(hashed.filter(~pl.col("bare")).get_column("call_hash").unique())
-    if not bare or not named:
-        return pl.Series("call_hash", [], dtype=pl.UInt64)
-    without = pl.concat(bare).unique()
-    return without.filter(without.is_in(pl.concat(named).unique().implode()))
-
-
 def repeated_hashes(hashes: pl.Series | list[pl.Series]) -> pl.Series:
     """The key hashes that occur more than once (given whole, or in chunks).
 
@@ -313,37 +256,27 @@ def repeated_hashes(hashes: pl.Series | list[pl.Series]) -> pl.Series:
 
 def duplicates_in(frame: pl.DataFrame) -> Duplicates:
     """:func:`find_duplicates` for a frame already in memory."""
-    targets = Targets()
-    targets.add(frame)
-    calls = mixed_calls([frame]) if targets.mixed else None
-    return find_duplicates([frame], targets.repeated(), calls)
+    return find_duplicates([frame], repeated_hashes(frame.select(key_hash())["key_hash"]))
 
 
-def find_duplicates(
-    batches: Iterable[pl.DataFrame], candidates: pl.Series, calls: pl.Series | None = None
-) -> Duplicates:
-    """Rows of valid targets given twice, as conflicts or plain repeats; and rows of a call
-    given both with and without a template_key, with different content, as conflicts.
+def find_duplicates(batches: Iterable[pl.DataFrame], candidates: pl.Series) -> Duplicates:
+    """Rows of valid targets given twice, as conflicts or plain repeats.
 
-    ``candidates`` are the key hashes seen more than once (:meth:`Targets.repeated` of a
-    key-only pass), ``calls`` the hashes of the calls given both ways (:func:`mixed_calls`;
-    None: no call is). Only rows with such a hash are kept from ``batches`` and compared on
-    the real strings, so a hash collision never marks a row, and nothing is read when there
-    are none.
+    ``candidates`` are the key hashes seen more than once (:func:`repeated_hashes` of a key-only
+    pass). Only rows with such a hash are kept from ``batches`` and compared on the real
+    strings, so a hash collision never marks a row, and nothing is read when there are none.
     """
     import polars as pl
 
     wanted = candidates.implode()
-    mixed = calls if calls is not None else pl.Series("call_hash", [], dtype=pl.UInt64)
-    involved_row = key_hash().is_in(wanted) | _call_hash().is_in(mixed.implode())
     kept = [
-        _with_expected(batch.filter(involved_row))
+        _with_expected(batch.filter(key_hash().is_in(wanted)))
         .with_columns(normalized_template())
         .filter(issue_code().is_null())
         .select(
             ROW, "call_id", "template_key", pl.col("content").hash(seed=1).alias("content_hash")
         )
-        for batch in (batches if candidates.len() or mixed.len() else ())
+        for batch in (batches if candidates.len() else ())
     ]
     involved = pl.concat(kept) if kept else pl.DataFrame()
     if involved.height == 0:
@@ -365,10 +298,6 @@ def find_duplicates(
         .explode("rows")
         .select(pl.col("rows").alias(ROW), "dup_message", pl.lit(None, pl.Int64).alias(REPEAT_OF))
     )
-    # A row in both kinds of conflict is told the one about its whole call.
-    conflicts = pl.concat([_mixed_conflicts(involved), conflicts]).unique(
-        ROW, keep="first", maintain_order=True
-    )
     repeats = (
         involved.join(
             groups.filter(pl.col("contents") == 1).select(target),
@@ -378,36 +307,6 @@ def find_duplicates(
         )
         .with_columns(pl.col(ROW).min().over(target).alias(REPEAT_OF))
         .filter(pl.col(ROW) != pl.col(REPEAT_OF))
-        .join(conflicts, on=ROW, how="anti")  # a repeat of an identical row can conflict too
         .select(ROW, pl.lit(None, pl.String).alias("dup_message"), REPEAT_OF)
     )
     return Duplicates(pl.concat([conflicts, repeats]).sort(ROW))
-
-
-def _mixed_conflicts(involved: pl.DataFrame) -> pl.DataFrame:
-    """Every valid row of a call that rows give both with and without a template_key and more
-    than one content: without one, a row updates the call's only completed summary, which may
-    be the one another row names, so which content it ends with would depend on which write
-    came last (and on a call with two, the row without is refused anyway)."""
-    import polars as pl
-
-    template = pl.col("template_key")
-    calls = involved.group_by("call_id").agg(
-        pl.col(ROW).sort().alias("rows"),
-        template.is_null().any().alias("bare"),
-        template.is_not_null().any().alias("named"),
-        pl.col("content_hash").n_unique().alias("contents"),
-    )
-    return (
-        calls.filter(pl.col("bare") & pl.col("named") & (pl.col("contents") > 1))
-        .with_columns(
-            pl.format(
-                "rows {} give call {} different content, with and without template_key (a row "
-                "without one updates the call's only summary, maybe the one another names)",
-                pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", "),
-                _shown(pl.col("call_id")),
-            ).alias("dup_message")
-        )
-        .explode("rows")
-        .select(pl.col("rows").alias(ROW), "dup_message", pl.lit(None, pl.Int64).alias(REPEAT_OF))
-    )
