@@ -254,6 +254,14 @@ def repeated_hashes(hashes: pl.Series | list[pl.Series]) -> pl.Series:
     return later.filter(later == ordered.slice(0, ordered.len() - 1)).unique()
 
 
+def _in_sorted(values: pl.Series, ordered: pl.Series) -> pl.Series:
+    """Whether each of ``values`` is one of ``ordered`` (sorted, not empty): a binary search
+    per value. (``is_in`` builds a hash set of all of ``ordered`` for every batch: with
+    millions of repeated targets, most of the time of the whole check.)"""
+    at = ordered.search_sorted(values, side="left").clip(0, ordered.len() - 1)
+    return ordered.gather(at) == values
+
+
 def duplicates_in(frame: pl.DataFrame) -> Duplicates:
     """:func:`find_duplicates` for a frame already in memory."""
     return find_duplicates([frame], repeated_hashes(frame.select(key_hash())["key_hash"]))
@@ -268,9 +276,9 @@ def find_duplicates(batches: Iterable[pl.DataFrame], candidates: pl.Series) -> D
     """
     import polars as pl
 
-    wanted = candidates.implode()
+    wanted = candidates.sort()
     kept = [
-        _with_expected(batch.filter(key_hash().is_in(wanted)))
+        _with_expected(batch.filter(_in_sorted(batch.select(key_hash())["key_hash"], wanted)))
         .with_columns(normalized_template())
         .filter(issue_code().is_null())
         .select(

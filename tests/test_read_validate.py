@@ -632,3 +632,20 @@ def _no_dups() -> Any:
     from allo_batch.validate import no_duplicates
 
     return no_duplicates()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 8), max_size=40),
+    members=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 8), min_size=1, max_size=20),
+)
+def test_the_sorted_lookup_of_candidate_hashes_is_set_membership(
+    values: list[int], members: list[int]
+) -> None:
+    """Duplicates are looked for among the rows whose target hash is a candidate: a binary
+    search in the sorted candidates, which must agree with plain membership at both ends."""
+    from allo_batch.validate import _in_sorted
+
+    ordered = pl.Series(members, dtype=pl.UInt64).unique().sort()
+    found = _in_sorted(pl.Series(values, dtype=pl.UInt64), ordered).to_list()
+    assert found == [value in set(members) for value in values]
