@@ -285,7 +285,8 @@ def survey(
         hashes.append(target_hashes(frame))
     candidates = repeated_hashes(hashes)
     del hashes
-    return prints.result(), find_duplicates(iter_batches(source, batch_size, limit), candidates)
+    duplicates = find_duplicates(lambda: iter_batches(source, batch_size, limit), candidates)
+    return prints.result(), duplicates
 
 
 def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Prepared:
@@ -830,7 +831,7 @@ def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck
     found, wanted, hashes = _check_rows(config, source, show, no_duplicates())
     candidates = repeated_hashes(hashes)
     del hashes
-    duplicates = find_duplicates(iter_batches(source, config.batch_size), candidates)
+    duplicates = find_duplicates(lambda: iter_batches(source, config.batch_size), candidates)
     if duplicates.frame.height:
         found, wanted, _ = _check_rows(config, source, show, duplicates)
     # People look for a line in the file, not a record number: where each shown row starts.

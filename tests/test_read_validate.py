@@ -649,3 +649,60 @@ def test_the_sorted_lookup_of_candidate_hashes_is_set_membership(
     ordered = pl.Series(members, dtype=pl.UInt64).unique().sort()
     found = _in_sorted(pl.Series(values, dtype=pl.UInt64), ordered).to_list()
     assert found == [value in set(members) for value in values]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=validation_rows, per_pass=st.integers(1, 3))
+def test_duplicates_found_a_range_of_hashes_at_a_time_are_the_same(
+    rows: list[dict[str, Any]], per_pass: int
+) -> None:
+    """Candidates are compared a range of hashes per pass (to bound memory): whatever the
+    range, the duplicates are those of one pass, and each pass reads the input anew."""
+    from allo_batch import validate
+
+    frame = pl.DataFrame(
+        [{"row": i, **r} for i, r in enumerate(rows)],
+        schema={**READ_SCHEMA, "expected_sha256": pl.String},
+    )
+    candidates = validate.repeated_hashes(validate.target_hashes(frame))
+    whole = validate.find_duplicates(lambda: [frame], candidates).frame
+    reads = []
+
+    def batches() -> list[pl.DataFrame]:
+        reads.append(1)
+        return [frame.slice(0, 3), frame.slice(3)]
+
+    saved = validate._CANDIDATES_PER_PASS
+    validate._CANDIDATES_PER_PASS = per_pass  # type: ignore[misc]
+    try:
+        # In any order: find_duplicates sorts them for its binary searches.
+        parts = validate.find_duplicates(batches, candidates.sort(descending=True)).frame
+    finally:
+        validate._CANDIDATES_PER_PASS = saved  # type: ignore[misc]
+    assert parts.rows() == whole.rows()
+    assert len(reads) == -(-candidates.len() // per_pass)
+
+
+def test_duplicates_are_found_whatever_the_order_of_the_candidates() -> None:
+    """Twelve targets given twice (half of them with another content): every repeat and
+    every conflict is found with the candidates handed over in reverse, four per pass."""
+    from allo_batch import validate
+
+    rows = [(f"cll-{n}", None, "same" if n % 2 else f"v{n}") for n in range(12)]
+    rows += [(f"cll-{n}", None, "same" if n % 2 else f"w{n}") for n in range(12)]
+    schema = {"call_id": pl.String, "template_key": pl.String, "content": pl.String}
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    frame = frame.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
+    candidates = validate.repeated_hashes(validate.target_hashes(frame))
+    saved = validate._CANDIDATES_PER_PASS
+    validate._CANDIDATES_PER_PASS = 4  # type: ignore[misc]
+    try:
+        found = validate.find_duplicates(lambda: [frame], candidates.sort(descending=True))
+    finally:
+        validate._CANDIDATES_PER_PASS = saved  # type: ignore[misc]
+    marks = found.frame
+    assert marks["row"].to_list() == [n for n in range(24) if n % 2 == 0 or n >= 12]
+    assert marks.filter(pl.col("repeat_of").is_not_null())["repeat_of"].to_list() == [
+        n for n in range(12) if n % 2
+    ]
+    assert marks["dup_message"].null_count() == 6
