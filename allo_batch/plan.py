@@ -99,14 +99,15 @@ def plan_frame(batch: pl.DataFrame, *, limit: int | None, dry_run: bool = False)
     """Plan a validated batch (with :func:`attach_done` columns) with polars expressions.
 
     Rows are settled in this order: landed earlier (so no later run, a ``--limit`` canary or a
-    dry run, turns a landed row back into one to send), beyond ``--limit``, invalid, a repeat of
-    an earlier row, and with ``dry_run`` what would be sent. The rest become requests, the only
-    rows that need Python objects (their bodies are serialised here, once).
+    dry run, turns a landed row back into one to send, and none forgets its version: not even
+    when rows added to the input since make it a duplicate), beyond ``--limit``, invalid, a
+    repeat of an earlier row, and with ``dry_run`` what would be sent. The rest become
+    requests, the only rows that need Python objects (their bodies are serialised here, once).
     """
     import polars as pl
 
     valid = pl.col(CODE).is_null()
-    landed = pl.col("done") & valid
+    landed = pl.col("done")
     beyond = pl.lit(False) if limit is None else pl.col("row") >= limit
     repeat = pl.col(REPEAT_OF).is_not_null()
     reason = (

@@ -109,6 +109,29 @@ def test_a_limit_never_turns_a_landed_row_back_into_one_to_send() -> None:
     assert {r.reason for r in rows[4:] if isinstance(r, RowResult)} == {"limit"}
 
 
+def test_a_landed_row_keeps_its_version_when_a_later_row_conflicts_with_it() -> None:
+    """A canary landed row 0; the whole input also gives its target another content (row 2).
+    Row 0 stays skipped with its version (it landed: the result file must not forget it, nor
+    undo lose it); row 2, which never landed, is the invalid one."""
+    done = pl.DataFrame(
+        [("cll-1", "", content_sha256("one"), 2, "2026-11-26T09:00:00", "req-1")],
+        schema=DONE_SCHEMA,
+        orient="row",
+    )
+    rows = planned(
+        batch(("cll-1", None, "one"), ("cll-2", None, "two"), ("cll-1", None, "uno")), done
+    )
+    first, _second, third = rows
+    assert isinstance(first, RowResult) and isinstance(third, RowResult)
+    assert (first.status, first.reason, first.version, first.request_id) == (
+        "skipped",
+        "landed_earlier",
+        2,
+        "req-1",
+    )
+    assert (third.status, third.error_code) == ("invalid", "DUPLICATE_ROW")
+
+
 def test_the_body_leaves_out_an_empty_template_and_keeps_unicode() -> None:
     """One serialisation, compact, UTF-8 as is."""
     assert request_body("é ✓", None) == '{"content":"é ✓"}'.encode()
