@@ -91,10 +91,10 @@ from allo_batch.report import NullReporter, Reporter, exit_code_for
 from allo_batch.storage import ObjectUri, output_place, scratch_folder
 from allo_batch.validate import (
     Duplicates,
+    Targets,
+    calls_in_conflict,
     find_duplicates,
     no_duplicates,
-    repeated_hashes,
-    target_hashes,
     validate_batch,
 )
 
@@ -276,17 +276,28 @@ def survey(
     """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
 
     One key-only pass gives the fingerprint and every row's target hash; a second pass, only
-    when some hash repeats, reads the rows involved and compares them on the real strings.
+    when some hash repeats (or some call comes both with and without a template), reads the
+    rows involved and compares them on the real strings.
     """
     prints = Fingerprinter(source.path, source.origin)
-    hashes = []
+    targets = Targets()
     for frame in read_ahead(key_batches(source, batch_size)):
         prints.add(frame)
-        hashes.append(target_hashes(frame))
-    candidates = repeated_hashes(hashes)
-    del hashes
-    duplicates = find_duplicates(lambda: iter_batches(source, batch_size, limit), candidates)
-    return prints.result(), duplicates
+        targets.add(frame)
+    return prints.result(), _duplicates(source, batch_size, targets, limit)
+
+
+def _duplicates(
+    source: InputSource, batch_size: int, targets: Targets, limit: int | None = None
+) -> Duplicates:
+    """The duplicates among the first ``limit`` rows, once a pass has taken in every row's
+    target. An input that gives calls both with and without a template_key is read again,
+    keys only, for the calls given both ways, and whole rows of those calls for their
+    contents (:func:`~allo_batch.validate.calls_in_conflict`)."""
+    candidates = targets.repeated()
+    rows = partial(iter_batches, source, batch_size, limit)
+    calls = calls_in_conflict(key_batches(source, batch_size), rows) if targets.mixed else None
+    return find_duplicates(rows, candidates, calls)
 
 
 def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Prepared:
@@ -828,10 +839,8 @@ def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck
     source = open_input(
         config.input, config.format, config.columns, storage=config.storage_options, spool=spool
     )
-    found, wanted, hashes = _check_rows(config, source, show, no_duplicates())
-    candidates = repeated_hashes(hashes)
-    del hashes
-    duplicates = find_duplicates(lambda: iter_batches(source, config.batch_size), candidates)
+    found, wanted, targets = _check_rows(config, source, show, no_duplicates())
+    duplicates = _duplicates(source, config.batch_size, targets)
     if duplicates.frame.height:
         found, wanted, _ = _check_rows(config, source, show, duplicates)
     # People look for a line in the file, not a record number: where each shown row starts.
@@ -841,14 +850,14 @@ def _check_input(config: JobConfig, show: int, spool: Path | None) -> InputCheck
 
 def _check_rows(
     config: JobConfig, source: InputSource, show: int, duplicates: Duplicates
-) -> tuple[InputCheck, dict[int, str | None], list[pl.Series]]:
-    """Every row checked: the counts, the rows to show (with their ids) and the target hashes."""
+) -> tuple[InputCheck, dict[int, str | None], Targets]:
+    """Every row checked: the counts, the rows to show (with their ids) and the targets."""
     found = InputCheck(cast(Path, config.input))  # an object shows its URI
     wanted: dict[int, str | None] = {}
-    hashes = []
+    targets = Targets()
     for batch in read_ahead(iter_batches(source, config.batch_size)):
         checked = validate_batch(batch, duplicates)
-        hashes.append(target_hashes(checked, checked=True))
+        targets.add(checked, checked=True)
         found.rows += checked.height
         found.repeats += int(checked[REPEAT_OF].is_not_null().sum())
         invalid = checked.filter(checked[CODE].is_not_null()).select(
@@ -861,7 +870,7 @@ def _check_rows(
                 shown.append((row, message))
                 wanted[row] = call_id
     found.invalid = sum(found.codes.values())
-    return found, wanted, hashes
+    return found, wanted, targets
 
 
 def preview_input(

@@ -237,6 +237,120 @@ def target_hashes(frame: pl.DataFrame, *, checked: bool = False) -> pl.Series:
     return frame.select(key_hash(checked=checked))["key_hash"]
 
 
+# Candidate hashes (of targets, or of calls) compared per pass over the input. Every row of a
+# candidate is held while it is compared (a candidate is two rows or more): a million at a
+# time keeps an input whose every target repeats at about a gigabyte, where all at once took
+# 3.7 GB for 10M rows, and costs such an input one more pass per million.
+_CANDIDATES_PER_PASS: Final = 1_000_000
+
+
+class Targets:
+    """What the first pass over an input learns of its targets, a batch at a time: every
+    row's :func:`key_hash`, and whether some rows name a template while others name none
+    (see :func:`calls_in_conflict`)."""
+
+    def __init__(self) -> None:
+        self._hashes: list[pl.Series] = []
+        self._bare = self._named = False
+
+    def add(self, frame: pl.DataFrame, *, checked: bool = False) -> None:
+        """Take in a key-only batch (``checked``: a batch :func:`validate_batch` returned,
+        whose template_key it normalized already)."""
+        if not checked:
+            frame = frame.select("call_id", normalized_template())
+        nulls = frame.get_column("template_key").null_count()
+        self._bare |= nulls > 0
+        self._named |= nulls < frame.height
+        self._hashes.append(target_hashes(frame, checked=True))
+
+    @property
+    def mixed(self) -> bool:
+        """Whether rows came both with and without a template_key."""
+        return self._bare and self._named
+
+    def repeated(self) -> pl.Series:
+        """The key hashes seen more than once (:func:`repeated_hashes`); the hashes kept so
+        far are let go."""
+        found = repeated_hashes(self._hashes)
+        self._hashes.clear()
+        return found
+
+
+def _call_hash() -> pl.Expr:
+    """A 64-bit hash of a row's call id alone."""
+    import polars as pl
+
+    return pl.col("call_id").hash(seed=3).alias("call_hash")
+
+
+def calls_in_conflict(
+    keys: Iterable[pl.DataFrame], batches: Callable[[], Iterable[pl.DataFrame]]
+) -> pl.Series:
+    """The hashes (sorted) of the calls whose valid rows give more than one content, some
+    rows with a template_key and some without: a row without one updates the call's only
+    completed summary, maybe the very one another row names, so which content the summary
+    ends with would depend on which write lands last. (On a call with two, the API refuses
+    the row without.) Hashes only: :func:`find_duplicates` confirms on the real strings.
+
+    Only an input that mixes the two kinds of row needs this (:attr:`Targets.mixed`): a
+    key-only pass (``keys``) finds the calls given both ways, and only when there are some
+    do passes over whole rows (``batches()``) compare their contents, a hash per call, for a
+    range of calls at a time (as :func:`find_duplicates` does, to bound memory)."""
+    import polars as pl
+
+    both = _calls_given_both_ways(keys)
+    found = [
+        _calls_of_several_contents(batches(), both.slice(start, _CANDIDATES_PER_PASS))
+        for start in range(0, both.len(), _CANDIDATES_PER_PASS)
+    ]
+    return pl.concat(found).sort() if found else both
+
+
+def _calls_given_both_ways(keys: Iterable[pl.DataFrame]) -> pl.Series:
+    import polars as pl
+
+    bare, named = [], []
+    for frame in keys:
+        hashed = frame.select(_call_hash(), normalized_template().is_null().alias("bare"))
+        bare.append(hashed.filter(pl.col("bare")).get_column("call_hash"))
+        named.append(hashed.filter(~pl.col("bare")).get_column("call_hash"))
+    nothing = pl.Series("call_hash", [], dtype=pl.UInt64)
+    without = pl.concat(bare).unique().sort() if bare else nothing
+    if not without.len() or not named:
+        return nothing
+    given = pl.concat(named)
+    return given.filter(_in_sorted(given, without)).unique().sort()
+
+
+def _calls_of_several_contents(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl.Series:
+    import polars as pl
+
+    bare = pl.col("template_key").is_null()
+    content = pl.col("content").hash(seed=1)
+    per_call = [
+        _with_expected(batch.filter(_in_sorted(batch.select(_call_hash())["call_hash"], calls)))
+        .with_columns(normalized_template())
+        .filter(issue_code().is_null())
+        .group_by(_call_hash())
+        .agg(
+            bare.any().alias("bare"),
+            (~bare).any().alias("named"),
+            content.min().alias("low"),
+            content.max().alias("high"),
+        )
+        for batch in batches
+    ]
+    if not per_call:
+        return calls.clear()
+    merged = (
+        pl.concat(per_call)
+        .group_by("call_hash")
+        .agg(pl.col("bare").any(), pl.col("named").any(), pl.col("low").min(), pl.col("high").max())
+    )
+    several = pl.col("bare") & pl.col("named") & (pl.col("low") != pl.col("high"))
+    return merged.filter(several).get_column("call_hash").sort()
+
+
 def repeated_hashes(hashes: pl.Series | list[pl.Series]) -> pl.Series:
     """The key hashes that occur more than once (given whole, or in chunks).
 
@@ -264,26 +378,26 @@ def _in_sorted(values: pl.Series, ordered: pl.Series) -> pl.Series:
 
 def duplicates_in(frame: pl.DataFrame) -> Duplicates:
     """:func:`find_duplicates` for a frame already in memory."""
-    return find_duplicates(lambda: [frame], repeated_hashes(frame.select(key_hash())["key_hash"]))
-
-
-# Candidate hashes compared per pass over the input. Every row of a repeated target is held
-# while its candidates are compared (a candidate is two rows or more): a million at a time
-# keeps an input whose every target repeats at about a gigabyte, where all at once took 3.7 GB
-# for 10M rows, and costs such an input one more pass per million.
-_CANDIDATES_PER_PASS: Final = 1_000_000
+    targets = Targets()
+    targets.add(frame)
+    calls = calls_in_conflict([frame], lambda: [frame]) if targets.mixed else None
+    return find_duplicates(lambda: [frame], targets.repeated(), calls)
 
 
 def find_duplicates(
-    batches: Callable[[], Iterable[pl.DataFrame]], candidates: pl.Series
+    batches: Callable[[], Iterable[pl.DataFrame]],
+    candidates: pl.Series,
+    calls: pl.Series | None = None,
 ) -> Duplicates:
-    """Rows of valid targets given twice, as conflicts or plain repeats.
+    """Rows of valid targets given twice, as conflicts or plain repeats; and the rows of a
+    call in conflict (:func:`calls_in_conflict`), as conflicts.
 
     ``candidates`` are the key hashes seen more than once (:func:`repeated_hashes` of a key-only
-    pass). Only rows with such a hash are kept from the input (``batches()`` reads it anew)
-    and compared on the real strings, so a hash collision never marks a row, and nothing is
-    read when there are none. A target's rows share its hash, so candidates are compared a
-    range of hashes at a time, one pass each, and memory holds the rows of one range.
+    pass), ``calls`` the hashes of the calls in conflict (None: none). Only rows with such a
+    hash are kept from the input (``batches()`` reads it anew) and compared on the real
+    strings, so a hash collision never marks a row, and nothing is read when there are none.
+    A target's rows share its hash, so candidates are compared a range of hashes at a time,
+    one pass each, and memory holds the rows of one range.
     """
     import polars as pl
 
@@ -292,8 +406,55 @@ def find_duplicates(
         _duplicates_among(batches(), wanted.slice(start, _CANDIDATES_PER_PASS))
         for start in range(0, wanted.len(), _CANDIDATES_PER_PASS)
     ]
+    if calls is not None and calls.len():
+        # First: a row of a call in conflict is told about its whole call.
+        found.insert(0, _conflicts_of_calls(batches(), calls.sort()))
     found = [part for part in found if part.height]
-    return Duplicates(pl.concat(found).sort(ROW)) if found else no_duplicates()
+    if not found:
+        return no_duplicates()
+    return Duplicates(pl.concat(found).unique(ROW, keep="first").sort(ROW))
+
+
+def _conflicts_of_calls(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl.DataFrame:
+    """Every valid row of the calls of ``calls`` (sorted hashes) that, on the real strings,
+    are given both with and without a template_key in more than one content."""
+    import polars as pl
+
+    kept = [
+        _with_expected(batch.filter(_in_sorted(batch.select(_call_hash())["call_hash"], calls)))
+        .with_columns(normalized_template())
+        .filter(issue_code().is_null())
+        .select(
+            ROW, "call_id", "template_key", pl.col("content").hash(seed=1).alias("content_hash")
+        )
+        for batch in batches
+    ]
+    if not kept:
+        return no_duplicates().frame
+    template = pl.col("template_key")
+    grouped = (
+        pl.concat(kept)
+        .group_by("call_id")
+        .agg(
+            pl.col(ROW).sort().alias("rows"),
+            template.is_null().any().alias("bare"),
+            template.is_not_null().any().alias("named"),
+            pl.col("content_hash").n_unique().alias("contents"),
+        )
+    )
+    return (
+        grouped.filter(pl.col("bare") & pl.col("named") & (pl.col("contents") > 1))
+        .with_columns(
+            pl.format(
+                "rows {} give call {} different content, with and without template_key (a row "
+                "without one updates the call's only summary, maybe the one another names)",
+                pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", "),
+                _shown(pl.col("call_id")),
+            ).alias("dup_message")
+        )
+        .explode("rows")
+        .select(pl.col("rows").alias(ROW), "dup_message", pl.lit(None, pl.Int64).alias(REPEAT_OF))
+    )
 
 
 def _duplicates_among(batches: Iterable[pl.DataFrame], wanted: pl.Series) -> pl.DataFrame:

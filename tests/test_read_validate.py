@@ -241,10 +241,19 @@ def reference_codes(rows: list[dict[str, Any]]) -> list[str | None]:
         if code is None:
             key = (row["call_id"], (row["template_key"] or "").strip(WHITE_SPACE) or None)
             targets.setdefault(key, set()).add(row["content"])
+    # A call given both with and without a template, in more than one content: a row without
+    # one updates the call's only summary, maybe the one another row names.
+    calls: dict[str, list[tuple[str | None, str]]] = {}
+    for row, code in zip(rows, codes, strict=True):
+        if code is None:
+            template = (row["template_key"] or "").strip(WHITE_SPACE) or None
+            calls.setdefault(row["call_id"], []).append((template, row["content"]))
     for i, row in enumerate(rows):
         if codes[i] is None:
             key = (row["call_id"], (row["template_key"] or "").strip(WHITE_SPACE) or None)
-            if len(targets[key]) > 1:
+            given = calls[row["call_id"]]
+            both_ways = {t is None for t, _ in given} == {True, False}
+            if len(targets[key]) > 1 or (both_ways and len({c for _, c in given}) > 1):
                 codes[i] = "DUPLICATE_ROW"
     return codes
 
@@ -275,6 +284,18 @@ validation_rows = st.lists(
     rows=[
         {"call_id": f"cll-{n}", "template_key": None, "content": "a", "expected_sha256": value}
         for n, value in enumerate(["", " ", f" {'b' * 64} ", "A0" * 32, "g" * 64, None])
+    ]
+)
+@example(  # a call given with and without a template: in two contents, and in one
+    rows=[
+        {"call_id": c, "template_key": t, "content": x, "expected_sha256": None}
+        for c, t, x in [
+            ("cll-1", "MARKDOWN_CLASSIC", "a"),
+            ("cll-2", "", "b"),
+            ("cll-1", None, "b"),
+            ("cll-2", "MARKDOWN_SHORT_CALL", "b"),
+            ("cll-1", "MARKDOWN_CLASSIC", "a"),
+        ]
     ]
 )
 def test_validation_agrees_with_the_reference(rows: list[dict[str, Any]]) -> None:
@@ -370,18 +391,29 @@ _REPEATING_ROWS = [
 ]
 
 
+_MIXED_ROWS = [  # no target repeats; two calls are given both with and without a template
+    ("cll-8", "MARKDOWN_SHORT_CALL", "p"),
+    ("cll-9", None, "s"),
+    ("cll-8", " ", "q"),  # with row 6, different content: both invalid
+    ("cll-9", "MARKDOWN_CLASSIC", "s"),  # the same content as row 7: both are fine
+]
+
+
 @pytest.mark.parametrize("batch_size", [2, 1000])
-@pytest.mark.parametrize("repeating", [False, True], ids=["no-target-repeats", "repeats"])
+@pytest.mark.parametrize("extra", ["no-target-repeats", "repeats", "with-and-without-template"])
 def test_validate_counts_what_a_run_would_find_with_or_without_repeated_targets(
-    tmp_path: Path, batch_size: int, repeating: bool
+    tmp_path: Path, batch_size: int, extra: str
 ) -> None:
     """``validate`` checks in one pass when no target repeats, and checks again once the
-    duplicates are known when some do: either way its counts and examples are what validating
-    the whole input at once gives."""
+    duplicates are known when some do (targets that repeat, or calls given both with and
+    without a template): either way its counts and examples are what validating the whole
+    input at once gives."""
     from allo_batch.config import JobConfig
     from allo_batch.pipeline import check_input
 
-    rows = _CHECKED_ROWS + (_REPEATING_ROWS if repeating else [])
+    repeating = extra == "repeats"
+    more = {"repeats": _REPEATING_ROWS, "with-and-without-template": _MIXED_ROWS}
+    rows = _CHECKED_ROWS + more.get(extra, [])
     frame = pl.DataFrame(rows, schema=["call_id", "template_key", "content"], orient="row")
     path = tmp_path / "in.csv"
     frame.write_csv(path)
@@ -401,7 +433,18 @@ def test_validate_counts_what_a_run_would_find_with_or_without_repeated_targets(
         for row, code, message in first.select("row", "error_code", "message").iter_rows()
     }
     assert found.repeats == (2 if repeating else 0)
-    assert ("DUPLICATE_ROW" in found.codes) == repeating
+    assert found.codes.get("DUPLICATE_ROW", 0) == {"repeats": 2, "no-target-repeats": 0}.get(
+        extra, 2
+    )
+    if extra == "with-and-without-template":
+        assert found.examples["DUPLICATE_ROW"] == [
+            (
+                6,
+                "rows 6, 8 give call 'cll-8' different content, with and without template_key "
+                "(a row without one updates the call's only summary, maybe the one another "
+                "names)",
+            )
+        ]
 
 
 @pytest.mark.parametrize(
@@ -665,7 +708,9 @@ def test_duplicates_found_a_range_of_hashes_at_a_time_are_the_same(
         schema={**READ_SCHEMA, "expected_sha256": pl.String},
     )
     candidates = validate.repeated_hashes(validate.target_hashes(frame))
-    whole = validate.find_duplicates(lambda: [frame], candidates).frame
+    calls = validate.calls_in_conflict([frame], lambda: [frame])
+    whole = validate.find_duplicates(lambda: [frame], candidates, calls).frame
+    both = validate._calls_given_both_ways([frame]).len()
     reads = []
 
     def batches() -> list[pl.DataFrame]:
@@ -675,12 +720,15 @@ def test_duplicates_found_a_range_of_hashes_at_a_time_are_the_same(
     saved = validate._CANDIDATES_PER_PASS
     validate._CANDIDATES_PER_PASS = per_pass  # type: ignore[misc]
     try:
+        ranged = validate.calls_in_conflict([frame], batches)
         # In any order: find_duplicates sorts them for its binary searches.
-        parts = validate.find_duplicates(batches, candidates.sort(descending=True)).frame
+        parts = validate.find_duplicates(batches, candidates.sort(descending=True), ranged).frame
     finally:
         validate._CANDIDATES_PER_PASS = saved  # type: ignore[misc]
+    assert ranged.to_list() == calls.to_list()
     assert parts.rows() == whole.rows()
-    assert len(reads) == -(-candidates.len() // per_pass)
+    passes = -(-both // per_pass) + -(-candidates.len() // per_pass) + (calls.len() > 0)
+    assert len(reads) == passes
 
 
 def test_duplicates_are_found_whatever_the_order_of_the_candidates() -> None:

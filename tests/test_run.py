@@ -161,6 +161,33 @@ def test_rerun_sends_nothing_and_carries_versions(
     assert pl.read_parquet(output)["status"].to_list() == ["skipped", "updated"]
 
 
+def test_a_call_given_with_and_without_a_template_is_not_written_twice(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """cll-1 has one completed summary: a row without template_key updates it, and so does
+    the row naming its template. With different contents, which one the summary would end
+    with depends on which write lands last: both rows are DUPLICATE_ROW and neither is sent.
+    With the same content (cll-2) both are fine. Exit 1, cll-3 written."""
+    source = tmp_path / "in.csv"
+    source.write_text(
+        "call_id,template_key,content\n"
+        "cll-1,,one\ncll-2,MARKDOWN_CLASSIC,two\ncll-1,MARKDOWN_CLASSIC,uno\n"
+        "cll-2,,two\ncll-3,,three\n"
+    )
+    output = tmp_path / "in.results.csv"
+    world = build_world(api_key=KEY, write_rate=100)
+    for call_id in ("cll-1", "cll-2", "cll-3"):
+        world.add_call(call_id, ["MARKDOWN_CLASSIC"])
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        run = invoke(["run", str(source), "--base-url", sandbox.base_url, "-o", str(output)])
+        written = {s["call_id"] for s in sandbox.state()["summaries"] if s["writes"]}
+    assert run.exit_code == 1
+    results = pl.read_csv(output)
+    assert results["status"].to_list() == ["invalid", "updated", "invalid", "updated", "updated"]
+    assert results["error_code"].to_list() == ["DUPLICATE_ROW", None, "DUPLICATE_ROW", None, None]
+    assert written == {"cll-2", "cll-3"}
+
+
 @pytest.mark.parametrize("persona", PERSONA_NAMES)
 def test_pacing_at_a_low_limit_gives_zero_429s(
     sandbox_factory: SandboxFactory, tmp_path: Path, persona: str
