@@ -415,13 +415,15 @@ def find_duplicates(
     return Duplicates(pl.concat(found).unique(ROW, keep="first").sort(ROW))
 
 
-def _conflicts_of_calls(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl.DataFrame:
-    """Every valid row of the calls of ``calls`` (sorted hashes) that, on the real strings,
-    are given both with and without a template_key in more than one content."""
+def _valid_rows_among(
+    batches: Iterable[pl.DataFrame], hashed: pl.Expr, wanted: pl.Series
+) -> list[pl.DataFrame]:
+    """Of each batch, the valid rows whose ``hashed`` value is one of ``wanted`` (sorted, not
+    empty): ``row``, ``call_id``, the normalized ``template_key`` and a hash of the content."""
     import polars as pl
 
-    kept = [
-        _with_expected(batch.filter(_in_sorted(batch.select(_call_hash())["call_hash"], calls)))
+    return [
+        _with_expected(batch.filter(_in_sorted(batch.select(hashed).to_series(), wanted)))
         .with_columns(normalized_template())
         .filter(issue_code().is_null())
         .select(
@@ -429,6 +431,14 @@ def _conflicts_of_calls(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl
         )
         for batch in batches
     ]
+
+
+def _conflicts_of_calls(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl.DataFrame:
+    """Every valid row of the calls of ``calls`` (sorted hashes) that, on the real strings,
+    are given both with and without a template_key in more than one content."""
+    import polars as pl
+
+    kept = _valid_rows_among(batches, _call_hash(), calls)
     if not kept:
         return no_duplicates().frame
     template = pl.col("template_key")
@@ -462,15 +472,7 @@ def _duplicates_among(batches: Iterable[pl.DataFrame], wanted: pl.Series) -> pl.
     not empty), unsorted."""
     import polars as pl
 
-    kept = [
-        _with_expected(batch.filter(_in_sorted(batch.select(key_hash())["key_hash"], wanted)))
-        .with_columns(normalized_template())
-        .filter(issue_code().is_null())
-        .select(
-            ROW, "call_id", "template_key", pl.col("content").hash(seed=1).alias("content_hash")
-        )
-        for batch in batches
-    ]
+    kept = _valid_rows_among(batches, key_hash(), wanted)
     involved = pl.concat(kept) if kept else pl.DataFrame()
     if involved.height == 0:
         return no_duplicates().frame
