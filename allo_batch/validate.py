@@ -8,9 +8,9 @@ the real strings, so a hash collision can never mark a row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
 from allo_batch.models import CODE, DUPLICATE_ROW, MESSAGE, REPEAT_OF, ROW, stripped_or_null
@@ -24,6 +24,7 @@ _SHOWN_ROWS: Final = 5
 _SHOWN_CHARS: Final = 40
 _CONTROL: Final = r"\p{Cc}"
 _SHA256: Final = r"^[0-9a-f]{64}$"
+T = TypeVar("T")
 
 
 def _escapes() -> dict[str, str]:
@@ -244,6 +245,19 @@ def target_hashes(frame: pl.DataFrame, *, checked: bool = False) -> pl.Series:
 _CANDIDATES_PER_PASS: Final = 1_000_000
 
 
+def _range_by_range(
+    batches: Callable[[], Iterable[pl.DataFrame]],
+    ordered: pl.Series,
+    compare: Callable[[Iterable[pl.DataFrame], pl.Series], T],
+) -> list[T]:
+    """``compare`` of the input (``batches()``, read anew each time) and each range of
+    :data:`_CANDIDATES_PER_PASS` hashes of ``ordered`` (sorted): one pass per range."""
+    return [
+        compare(batches(), ordered.slice(start, _CANDIDATES_PER_PASS))
+        for start in range(0, ordered.len(), _CANDIDATES_PER_PASS)
+    ]
+
+
 class Targets:
     """What the first pass over an input learns of its targets, a batch at a time: every
     row's :func:`key_hash`, and whether some rows name a template while others name none
@@ -299,10 +313,7 @@ def calls_in_conflict(
     import polars as pl
 
     both = _calls_given_both_ways(keys)
-    found = [
-        _calls_of_several_contents(batches(), both.slice(start, _CANDIDATES_PER_PASS))
-        for start in range(0, both.len(), _CANDIDATES_PER_PASS)
-    ]
+    found = _range_by_range(batches, both, _calls_of_several_contents)
     return pl.concat(found).sort() if found else both
 
 
@@ -326,19 +337,15 @@ def _calls_of_several_contents(batches: Iterable[pl.DataFrame], calls: pl.Series
     import polars as pl
 
     bare = pl.col("template_key").is_null()
-    content = pl.col("content").hash(seed=1)
+    content = pl.col("content_hash")
     per_call = [
-        _with_expected(batch.filter(_in_sorted(batch.select(_call_hash())["call_hash"], calls)))
-        .with_columns(normalized_template())
-        .filter(issue_code().is_null())
-        .group_by(_call_hash())
-        .agg(
+        rows.group_by(_call_hash()).agg(
             bare.any().alias("bare"),
             (~bare).any().alias("named"),
             content.min().alias("low"),
             content.max().alias("high"),
         )
-        for batch in batches
+        for rows in _valid_rows_among(batches, _call_hash(), calls)
     ]
     if not per_call:
         return calls.clear()
@@ -401,14 +408,10 @@ def find_duplicates(
     """
     import polars as pl
 
-    wanted = candidates.sort()
-    found = [
-        _duplicates_among(batches(), wanted.slice(start, _CANDIDATES_PER_PASS))
-        for start in range(0, wanted.len(), _CANDIDATES_PER_PASS)
-    ]
-    if calls is not None and calls.len():
-        # First: a row of a call in conflict is told about its whole call.
-        found.insert(0, _conflicts_of_calls(batches(), calls.sort()))
+    # First: a row of a call in conflict is told about its whole call.
+    in_conflict = calls.sort() if calls is not None else candidates.clear()
+    found = _range_by_range(batches, in_conflict, _conflicts_of_calls)
+    found += _range_by_range(batches, candidates.sort(), _duplicates_among)
     found = [part for part in found if part.height]
     if not found:
         return no_duplicates()
@@ -417,12 +420,13 @@ def find_duplicates(
 
 def _valid_rows_among(
     batches: Iterable[pl.DataFrame], hashed: pl.Expr, wanted: pl.Series
-) -> list[pl.DataFrame]:
-    """Of each batch, the valid rows whose ``hashed`` value is one of ``wanted`` (sorted, not
-    empty): ``row``, ``call_id``, the normalized ``template_key`` and a hash of the content."""
+) -> Iterator[pl.DataFrame]:
+    """Of each batch, as it is read, the valid rows whose ``hashed`` value is one of
+    ``wanted`` (sorted, not empty): ``row``, ``call_id``, the normalized ``template_key`` and
+    a hash of the content."""
     import polars as pl
 
-    return [
+    return (
         _with_expected(batch.filter(_in_sorted(batch.select(hashed).to_series(), wanted)))
         .with_columns(normalized_template())
         .filter(issue_code().is_null())
@@ -430,15 +434,15 @@ def _valid_rows_among(
             ROW, "call_id", "template_key", pl.col("content").hash(seed=1).alias("content_hash")
         )
         for batch in batches
-    ]
+    )
 
 
 def _conflicts_of_calls(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl.DataFrame:
-    """Every valid row of the calls of ``calls`` (sorted hashes) that, on the real strings,
+    """Every valid row of the calls of ``calls`` (sorted, not empty) that, on the real strings,
     are given both with and without a template_key in more than one content."""
     import polars as pl
 
-    kept = _valid_rows_among(batches, _call_hash(), calls)
+    kept = list(_valid_rows_among(batches, _call_hash(), calls))
     if not kept:
         return no_duplicates().frame
     template = pl.col("template_key")
@@ -472,7 +476,7 @@ def _duplicates_among(batches: Iterable[pl.DataFrame], wanted: pl.Series) -> pl.
     not empty), unsorted."""
     import polars as pl
 
-    kept = _valid_rows_among(batches, key_hash(), wanted)
+    kept = list(_valid_rows_among(batches, key_hash(), wanted))
     involved = pl.concat(kept) if kept else pl.DataFrame()
     if involved.height == 0:
         return no_duplicates().frame

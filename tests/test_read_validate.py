@@ -727,7 +727,7 @@ def test_duplicates_found_a_range_of_hashes_at_a_time_are_the_same(
         validate._CANDIDATES_PER_PASS = saved  # type: ignore[misc]
     assert ranged.to_list() == calls.to_list()
     assert parts.rows() == whole.rows()
-    passes = -(-both // per_pass) + -(-candidates.len() // per_pass) + (calls.len() > 0)
+    passes = -(-both // per_pass) + -(-candidates.len() // per_pass) + -(-calls.len() // per_pass)
     assert len(reads) == passes
 
 
@@ -754,3 +754,36 @@ def test_duplicates_are_found_whatever_the_order_of_the_candidates() -> None:
         n for n in range(12) if n % 2
     ]
     assert marks["dup_message"].null_count() == 6
+
+
+def test_calls_in_conflict_are_compared_a_range_at_a_time() -> None:
+    """Four calls given with and without a template in two contents, one call per pass:
+    each pass reads the input anew and holds the rows of its call alone, and together they
+    mark the eight rows, as one pass does."""
+    from allo_batch import validate
+
+    rows: list[tuple[str, str | None, str]] = [
+        (f"cll-{n}", "MARKDOWN_CLASSIC", f"a{n}") for n in range(4)
+    ]
+    rows += [(f"cll-{n}", None, f"b{n}") for n in range(4)]
+    schema = {"call_id": pl.String, "template_key": pl.String, "content": pl.String}
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    frame = frame.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
+    calls = validate.calls_in_conflict([frame], lambda: [frame])
+    assert calls.len() == 4
+    whole = validate.find_duplicates(lambda: [frame], calls.clear(), calls).frame
+    held: list[int] = []
+
+    def batches() -> list[pl.DataFrame]:
+        held.append(0)
+        return [frame]
+
+    saved = validate._CANDIDATES_PER_PASS
+    validate._CANDIDATES_PER_PASS = 1  # type: ignore[misc]
+    try:
+        parts = validate.find_duplicates(batches, calls.clear(), calls).frame
+    finally:
+        validate._CANDIDATES_PER_PASS = saved  # type: ignore[misc]
+    assert len(held) == 4
+    assert parts.rows() == whole.rows()
+    assert parts["row"].to_list() == list(range(8))
