@@ -49,12 +49,18 @@ def review(request: ReportRequest) -> ReportOutput:
     if request.export_failed is not None and request.input_path is None:
         msg = "--export-failed needs --input INPUT: the run's input, whose rows are written"
         raise UsageError(msg)
-    if request.html is not None:
-        keep = {"the result file": request.result, "the input": request.input_path}
-        refuse_to_overwrite("--html", request.html, keep)
     if not (request.failed or request.export_failed or request.html):
         return ReportOutput(text=_summary(request))
     facts = failed.load(request.result)
+    if request.html is not None:
+        # The run's input as its sidecar recorded it, too: no --input is needed to name it.
+        recorded = Path(facts.input_path) if facts.input_path else None
+        keep = {
+            "the result file": request.result,
+            "the input": request.input_path,
+            "the run's input": recorded,
+        }
+        refuse_to_overwrite("--html", request.html, keep)
     out = ReportOutput()
     lines = _lines(request, facts, out)
     if request.failed:

@@ -401,3 +401,16 @@ def test_html_never_writes_over_the_result_file_its_state_or_the_input(
         assert refused.exit_code == 2, refused.output
         assert f"--html {page}: that is" in refused.output
     assert [path.read_bytes() for path in files] == before
+
+
+def test_html_never_writes_over_the_input_the_run_recorded(
+    sample_run: tuple[Path, Path],
+) -> None:
+    """Without ``--input``, the result file's run facts name the input: ``--html`` onto it is
+    exit 2, the input as it was."""
+    source, output = sample_run
+    before = source.read_bytes()
+    refused = invoke("report", output, "--html", source)
+    assert refused.exit_code == 2, refused.output
+    assert f"--html {source}: that is the run's input" in refused.output
+    assert source.read_bytes() == before
