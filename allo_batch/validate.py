@@ -182,11 +182,38 @@ def validate_batch(batch: pl.DataFrame, duplicates: Duplicates) -> pl.DataFrame:
     if marks.height == 0:
         return checked.with_columns(pl.lit(None, dtype=pl.Int64).alias(REPEAT_OF))
     joined = checked.join(marks, on=ROW, how="left", maintain_order="left")
-    conflict = pl.col("dup_message").is_not_null() & pl.col(CODE).is_null()
+    # Valid rows of a conflicting target (an invalid row keeps its own code and message).
+    conflict = joined.select(pl.col(_DUP_ROWS).is_not_null() & pl.col(CODE).is_null())
+    rows = conflict.to_series().arg_true()
+    if not len(rows):
+        return joined.drop(_DUP_ROWS, _BOTH_WAYS)
     return joined.with_columns(
-        pl.when(conflict).then(pl.lit(DUPLICATE_ROW)).otherwise(pl.col(CODE)).alias(CODE),
-        pl.when(conflict).then(pl.col("dup_message")).otherwise(pl.col(MESSAGE)).alias(MESSAGE),
-    ).drop("dup_message")
+        joined.get_column(CODE).scatter(rows, DUPLICATE_ROW),
+        joined.get_column(MESSAGE).scatter(rows, _conflict_messages(joined[rows])),
+    ).drop(_DUP_ROWS, _BOTH_WAYS)
+
+
+def _conflict_messages(conflicting: pl.DataFrame) -> pl.Series:
+    """The message of each of ``conflicting`` rows. Made here, a batch at a time, from the
+    row's own call and template: :class:`Duplicates` keeps only the rows to name, a few bytes
+    per row where whole messages took 200."""
+    import polars as pl
+
+    rows_named, call = pl.col(_DUP_ROWS), _shown(pl.col("call_id"))
+    both_ways = pl.format(
+        "rows {} give call {} different content, with and without template_key (a row without "
+        "one updates the call's only summary, maybe the one another names)",
+        rows_named,
+        call,
+    )
+    one_target = pl.format(
+        "rows {} give call {} (template {}) different content",
+        rows_named,
+        call,
+        pl.col("template_key").fill_null("(none)"),
+    )
+    message = pl.when(pl.col(_BOTH_WAYS)).then(both_ways).otherwise(one_target)
+    return conflicting.select(message.alias(MESSAGE)).to_series()
 
 
 def _messages(checked: pl.DataFrame) -> pl.Series:
@@ -204,22 +231,45 @@ def _messages(checked: pl.DataFrame) -> pl.Series:
 
 @dataclass(frozen=True, slots=True)
 class Duplicates:
-    """Rows involved in duplicate targets: ``row``, ``dup_message`` (conflict) or ``repeat_of``."""
+    """Rows involved in duplicate targets: ``row``; for a conflict, ``dup_rows`` (the rows its
+    message names) and ``both_ways`` (whether the call is given with and without a template,
+    else one target is given different contents); for a plain repeat, ``repeat_of``."""
 
     frame: pl.DataFrame
 
     @property
     def conflicting(self) -> int:
         """How many rows are invalid because their target is given different content."""
-        return int(self.frame["dup_message"].is_not_null().sum()) if self.frame.height else 0
+        return int(self.frame[_DUP_ROWS].is_not_null().sum()) if self.frame.height else 0
+
+
+_DUP_ROWS: Final = "dup_rows"
+_BOTH_WAYS: Final = "both_ways"
 
 
 def no_duplicates() -> Duplicates:
     """:class:`Duplicates` of an input where no target repeats."""
     import polars as pl
 
-    return Duplicates(
-        pl.DataFrame(schema={ROW: pl.Int64, "dup_message": pl.String, REPEAT_OF: pl.Int64})
+    schema = {ROW: pl.Int64, _DUP_ROWS: pl.String, _BOTH_WAYS: pl.Boolean, REPEAT_OF: pl.Int64}
+    return Duplicates(pl.DataFrame(schema=schema))
+
+
+def _conflicts(groups: pl.DataFrame, *, both_ways: bool) -> pl.DataFrame:
+    """:class:`Duplicates`' frame for every row of ``groups`` (a list ``rows`` per group of
+    conflicting rows)."""
+    import polars as pl
+
+    named = pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", ")
+    return (
+        groups.select("rows", named.alias(_DUP_ROWS))
+        .explode("rows")
+        .select(
+            pl.col("rows").alias(ROW),
+            _DUP_ROWS,
+            pl.lit(both_ways).alias(_BOTH_WAYS),
+            pl.lit(None, pl.Int64).alias(REPEAT_OF),
+        )
     )
 
 
@@ -456,19 +506,8 @@ def _conflicts_of_calls(batches: Iterable[pl.DataFrame], calls: pl.Series) -> pl
             pl.col("content_hash").n_unique().alias("contents"),
         )
     )
-    return (
-        grouped.filter(pl.col("bare") & pl.col("named") & (pl.col("contents") > 1))
-        .with_columns(
-            pl.format(
-                "rows {} give call {} different content, with and without template_key (a row "
-                "without one updates the call's only summary, maybe the one another names)",
-                pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", "),
-                _shown(pl.col("call_id")),
-            ).alias("dup_message")
-        )
-        .explode("rows")
-        .select(pl.col("rows").alias(ROW), "dup_message", pl.lit(None, pl.Int64).alias(REPEAT_OF))
-    )
+    in_conflict = grouped.filter(pl.col("bare") & pl.col("named") & (pl.col("contents") > 1))
+    return _conflicts(in_conflict, both_ways=True)
 
 
 def _duplicates_among(batches: Iterable[pl.DataFrame], wanted: pl.Series) -> pl.DataFrame:
@@ -484,19 +523,7 @@ def _duplicates_among(batches: Iterable[pl.DataFrame], wanted: pl.Series) -> pl.
     groups = involved.group_by(target).agg(
         pl.col(ROW).sort().alias("rows"), pl.col("content_hash").n_unique().alias("contents")
     )
-    conflicts = (
-        groups.filter(pl.col("contents") > 1)
-        .with_columns(
-            pl.format(
-                "rows {} give call {} (template {}) different content",
-                pl.col("rows").list.head(_SHOWN_ROWS).cast(pl.List(pl.String)).list.join(", "),
-                _shown(pl.col("call_id")),
-                pl.col("template_key").fill_null("(none)"),
-            ).alias("dup_message")
-        )
-        .explode("rows")
-        .select(pl.col("rows").alias(ROW), "dup_message", pl.lit(None, pl.Int64).alias(REPEAT_OF))
-    )
+    conflicts = _conflicts(groups.filter(pl.col("contents") > 1), both_ways=False)
     repeats = (
         involved.join(
             groups.filter(pl.col("contents") == 1).select(target),
@@ -506,6 +533,11 @@ def _duplicates_among(batches: Iterable[pl.DataFrame], wanted: pl.Series) -> pl.
         )
         .with_columns(pl.col(ROW).min().over(target).alias(REPEAT_OF))
         .filter(pl.col(ROW) != pl.col(REPEAT_OF))
-        .select(ROW, pl.lit(None, pl.String).alias("dup_message"), REPEAT_OF)
+        .select(
+            ROW,
+            pl.lit(None, pl.String).alias(_DUP_ROWS),
+            pl.lit(None, pl.Boolean).alias(_BOTH_WAYS),
+            REPEAT_OF,
+        )
     )
     return pl.concat([conflicts, repeats])

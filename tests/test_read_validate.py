@@ -371,7 +371,7 @@ def test_duplicates_are_found_across_batches_and_files_of_any_size(tmp_path: Pat
     found = duplicates.frame
     assert found["row"].to_list() == [2, 3, 4]
     assert found["repeat_of"].to_list() == [0, None, None]
-    assert found["dup_message"].null_count() == 1
+    assert found["dup_rows"].null_count() == 1
 
 
 _CHECKED_ROWS = [
@@ -753,7 +753,7 @@ def test_duplicates_are_found_whatever_the_order_of_the_candidates() -> None:
     assert marks.filter(pl.col("repeat_of").is_not_null())["repeat_of"].to_list() == [
         n for n in range(12) if n % 2
     ]
-    assert marks["dup_message"].null_count() == 6
+    assert marks["dup_rows"].null_count() == 6
 
 
 def test_calls_in_conflict_are_compared_a_range_at_a_time() -> None:
