@@ -458,14 +458,19 @@ def find_duplicates(
     """
     import polars as pl
 
-    # First: a row of a call in conflict is told about its whole call.
     in_conflict = calls.sort() if calls is not None else candidates.clear()
-    found = _range_by_range(batches, in_conflict, _conflicts_of_calls)
-    found += _range_by_range(batches, candidates.sort(), _duplicates_among)
-    found = [part for part in found if part.height]
+    of_calls = _range_by_range(batches, in_conflict, _conflicts_of_calls)
+    of_targets = _range_by_range(batches, candidates.sort(), _duplicates_among)
+    found = [part for part in of_calls + of_targets if part.height]
     if not found:
         return no_duplicates()
-    return Duplicates(pl.concat(found).unique(ROW, keep="first").sort(ROW))
+    marks = pl.concat(found).sort(ROW, maintain_order=True)
+    # Each range's rows are its own; only a row both of a call in conflict and of a repeated
+    # target comes twice, and the call's conflict, first, is what it is told (a copy of the
+    # rows, so only then).
+    if any(part.height for part in of_calls) and any(part.height for part in of_targets):
+        marks = marks.unique(ROW, keep="first", maintain_order=True)
+    return Duplicates(marks)
 
 
 def _valid_rows_among(
