@@ -7,7 +7,8 @@ before-images (so an undo can be undone). The look stage leaves a target alone a
 when it no longer holds what the run wrote (``--force`` drops that check).
 
 Which before-image: the earliest one of the target among the runs of this output (the content
-it held before the first of them changed it). Rows the undo cannot restore are counted, not
+it held before the first of them changed it), unless someone else changed the target between
+two of our runs (:func:`_first_images`). Rows the undo cannot restore are counted, not
 sent: the run never wrote them (``unchanged``, ``failed``, ...), their before-image is uncertain
 (``--include-uncertain`` includes them), or the target had no summary before (nothing to put
 back: the API cannot delete a summary).
@@ -139,13 +140,40 @@ def _targets(frame: pl.DataFrame, which: pl.Expr) -> pl.DataFrame:
 
 
 def _first_images(images: pl.DataFrame) -> pl.DataFrame:
-    """Each target's earliest before-image (runs sort in time; ``seq`` orders within one)."""
+    """Each target's before-image: what it held before the first of our runs changed it.
+
+    That is the earliest image (runs sort in time; ``seq`` orders within one), unless a later
+    run found the target holding something else that none of our earlier runs meant to write:
+    then someone changed it between our runs, and what they wrote is what our later write
+    replaced. Either the earlier run never wrote it (a run keeps the images of a whole chunk
+    before sending it, and may stop before the end), or its write was overwritten since; in
+    both cases putting the earliest image back would destroy the other person's edit.
+    """
     import polars as pl
 
-    return (
+    target = ["call_id", "_target"]
+    ordered = (
         images.sort("run", "seq")
         .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
-        .unique(subset=["call_id", "_target"], keep="first", maintain_order=True)
+        .with_columns(pl.int_range(pl.len()).over(target).alias("_at"))
+    )
+    # Images that show a content one of our earlier runs meant to write to the same target.
+    earlier_write = ordered.select(
+        *target, pl.col("written_sha256").alias("content_sha256"), pl.col("_at").alias("_by")
+    )
+    ours = (
+        ordered.join(earlier_write, on=[*target, "content_sha256"])
+        .filter(pl.col("_by") < pl.col("_at"))
+        .select(*target, "_at")
+        .unique()
+        .with_columns(pl.lit(True).alias("_ours"))
+    )
+    changed = pl.col("content_sha256").ne_missing(pl.col("content_sha256").shift(1).over(target))
+    starts = (pl.col("_at") == 0) | (changed & pl.col("_ours").is_null())
+    return (
+        ordered.join(ours, on=[*target, "_at"], how="left", maintain_order="left")
+        .filter(starts)
+        .unique(subset=target, keep="last", maintain_order=True)
         .select("call_id", "_target", "found", "content", "certain")
     )
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -236,3 +237,82 @@ def test_an_undo_right_after_a_run_restores_even_when_reads_lag(
     assert undone.exit_code == 0, undone.output
     assert json.loads(undone.stdout)["by_status"] == {"updated": 40}
     assert now == originals
+
+
+def test_undo_keeps_an_edit_made_between_a_stopped_run_and_its_rerun(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A run keeps the before-images of a whole chunk before sending it, then stops at its
+    deadline with rows of that chunk unwritten. Someone edits one of those targets; the rerun
+    writes over the edit. Undo puts back what the rerun replaced, the edit, not the stopped
+    run's image of a target it never wrote; the targets the first run wrote get their
+    originals back."""
+    source, world, originals = setup(tmp_path, 40, rate=10)
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        deadline = datetime.now().astimezone() + timedelta(seconds=1.5)
+        args = ["run", str(source), "-o", str(results), "--base-url", url]
+        stopped = invoke([*args, "--finish-by", deadline.isoformat()])
+        assert stopped.exit_code == 3, stopped.output
+        first = read_results(results)
+        unwritten = first.filter(pl.col("status") != "updated")["call_id"].to_list()
+        assert unwritten, "the run wrote every row before its deadline"
+        imaged = set(read_before_images(results)["call_id"])
+        assert set(unwritten) <= imaged  # the case at hand: images of rows never written
+        edited = unwritten[-1]
+        edit(sandbox, edited, "edited by a human between the runs")
+        assert invoke(args).exit_code == 0
+        undone = invoke(["undo", str(results), "--base-url", url, "--json"])
+        now = held(sandbox)
+    assert undone.exit_code == 0, undone.output
+    assert json.loads(undone.stdout)["by_status"] == {"updated": 40}
+    assert now == {**originals, edited: "edited by a human between the runs"}
+
+
+def test_the_image_put_back_is_the_one_before_our_first_write_or_before_someone_elses() -> None:
+    """Images of one target from successive runs (content found -> content about to write):
+    a later image that shows one of our earlier writes keeps the earliest image; one that
+    shows anything else (someone changed the target between our runs) is what our later write
+    replaced, and is put back instead."""
+    from allo_batch.record import before_schema
+    from allo_batch.undo import _first_images
+
+    def image(call: str, found: str | None, written: str, run: int) -> dict[str, object]:
+        return {
+            "row": 0,
+            "call_id": call,
+            "template_key": None,
+            "found": "summary" if found else "no_summary",
+            "content": found,
+            "content_sha256": found and f"sha of {found}",
+            "written_sha256": f"sha of {written}",
+            "certain": True,
+            "run": f"run {run}",
+            "seq": 0,
+        }
+
+    chains: dict[str, list[tuple[str | None, str]]] = {
+        "ours landed": [("A", "X"), ("X", "Y")],
+        "ours twice": [("A", "X"), ("X", "Y"), ("Y", "Z")],
+        "never written, then edited": [("A", "X"), ("H", "X")],
+        "unchanged between runs": [("A", "X"), ("A", "X")],
+        "edited after two runs": [("A", "X"), ("A", "X"), ("H", "Y")],
+        "created by us": [(None, "X"), ("X", "Y")],
+        "once": [("A", "X")],
+    }
+    images = [
+        image(call, found, written, run)
+        for call, chain in chains.items()
+        for run, (found, written) in enumerate(chain)
+    ]
+    chosen = _first_images(pl.DataFrame(images, schema=before_schema()))
+    assert dict(chosen.select("call_id", "content").iter_rows()) == {
+        "ours landed": "A",
+        "ours twice": "A",
+        "never written, then edited": "H",
+        "unchanged between runs": "A",
+        "edited after two runs": "H",
+        "created by us": None,
+        "once": "A",
+    }
