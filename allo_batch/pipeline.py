@@ -86,6 +86,7 @@ from allo_batch.record import (
     Recorder,
     load_earlier,
     output_format,
+    read_sidecar,
 )
 from allo_batch.report import NullReporter, Reporter, exit_code_for
 from allo_batch.storage import ObjectUri, output_place, scratch_folder
@@ -310,6 +311,7 @@ def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Pre
             "write, and --blind reads nothing; drop --blind or the column"
         )
         raise UsageError(msg)
+    _check_not_undone(output)
     identity, duplicates = survey(source, config.batch_size, config.limit)
     earlier = load_earlier(output)
     _check_same_input(output, identity, earlier.inputs, force=config.force)
@@ -324,6 +326,19 @@ def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Pre
     )
 
 
+def _check_not_undone(output: Path) -> None:
+    """Refuse a result file an undo began to put back: the rows it records as landed may not
+    hold their content any more, and a run would skip them as done."""
+    undone = read_sidecar(output).get("undone_by")
+    if undone:
+        msg = (
+            f"{output}: an undo of its writes began ({undone}), so the rows it records as "
+            "landed may not hold their content any more; run into a new --output (the run "
+            "reads every target first and writes only what differs)"
+        )
+        raise UsageError(msg)
+
+
 def _check_same_input(
     output: Path, current: InputFingerprint, earlier: list[dict[str, Any]], *, force: bool
 ) -> None:
@@ -332,10 +347,9 @@ def _check_same_input(
         if seen.get("keys_sha256") == current.keys_sha256:
             continue
         what = f"{seen.get('path', '?')} ({seen.get('rows', '?')} rows)"
+        merged = (current.path, output, what)
         if force:
-            log.warning(
-                "--force: merging results for %s into %s, made from %s", current.path, output, what
-            )
+            log.warning("merging the results of %s into %s, which holds those of %s", *merged)
             return
         msg = (
             f"{output} holds results of another input: {what}; this input, {current.path} "
@@ -620,9 +634,18 @@ async def _record_dry(
             recorder.planned(dry_run_result(request))
 
 
+_last_run_micros = 0
+
+
 def _run_id() -> str:
-    """``<UTC time>-<pid>``: run ids sort in time, and two runs never share one."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    """``<UTC time to the microsecond>Z-<pid>``: run ids sort in time, and two runs never share
+    one, also two in one process within a second (a canary and the full run from one script:
+    with ids to the second, the second run's before-images were taken for copies of the first's
+    and deleted). No dot: a chunk's file name is ``<run id>.<n>.chunk.parquet``."""
+    global _last_run_micros  # one counter per process: that is the point
+    _last_run_micros = max(time.time_ns() // 1000, _last_run_micros + 1)
+    seconds, micros = divmod(_last_run_micros, 1_000_000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}{micros:06d}Z-{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING
 
 from allo_batch.errors import UsageError
 from allo_batch.models import NO_TEMPLATE
-from allo_batch.record import open_private, read_before_images, read_results
+from allo_batch.record import (
+    before_dir,
+    journal_path,
+    open_private,
+    read_before_images,
+    read_results,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -37,6 +46,9 @@ class UndoPlan:
     output: Path
     restorable: int = 0
     left_out: dict[str, int] = field(default_factory=dict)
+    # The output holds an earlier undo of the same result file, planned when other rows had
+    # been written: its rows merge (what it restored is matched by target and content).
+    merge: bool = False
 
     def lines(self) -> list[str]:
         """What the undo will try, for a person."""
@@ -72,6 +84,7 @@ def plan_undo(
         msg = f"{results}: no such result file"
         raise UsageError(msg)
     source, target = undo_paths(results, output)
+    _check_own_files(results, target)
     frame = read_results(results)
     images = _first_images(read_before_images(results))
     written = _written_targets(frame)
@@ -81,7 +94,7 @@ def plan_undo(
     joined = pl.concat(
         [written.join(images, on=["call_id", "_target"], how="left"), ours], how="vertical"
     ).unique(subset=["call_id", "_target"], keep="first", maintain_order=True)
-    plan = UndoPlan(source, target)
+    plan = UndoPlan(source, target, merge=_an_earlier_undo(target, source))
     no_image = joined.filter(pl.col("found").is_null())
     no_before = joined.filter(pl.col("found").is_not_null() & (pl.col("found") != "summary"))
     with_image = joined.filter(pl.col("found") == "summary")
@@ -101,6 +114,36 @@ def plan_undo(
     )
     _write_private(corrections, source)
     return plan
+
+
+def _check_own_files(results: Path, target: Path) -> None:
+    """Refuse an undo result file that is one of the run's own files: the undo would replace
+    the very record of what it puts back."""
+    own = {results, sidecar_path(results), journal_path(results), undo_paths(results)[0]}
+    where = target.resolve()
+    if where in {path.resolve() for path in own} or before_dir(results).resolve() in where.parents:
+        msg = (
+            f"--output {target}: that is one of {results.name}'s own files; give the undo a "
+            "result file of its own (default: <RESULTS>.undo.parquet)"
+        )
+        raise UsageError(msg)
+
+
+def _an_earlier_undo(output: Path, source: Path) -> bool:
+    """Whether ``output`` holds the results of an undo made from ``source`` (the same result
+    file's undo input, perhaps planned when it held fewer rows)."""
+    seen = read_sidecar(output).get("input")
+    path = seen.get("path") if isinstance(seen, dict) else None
+    return isinstance(path, str) and Path(path).resolve() == source.resolve()
+
+
+def mark_undone(results: Path, undo_results: Path) -> None:
+    """Say in ``results``' sidecar, before the undo sends anything, that an undo of it began:
+    the rows it records as landed may not hold their content any more, so a run must not
+    take them as done (:func:`allo_batch.pipeline` refuses to run into it)."""
+    facts = read_sidecar(results)
+    facts["undone_by"] = str(undo_results)
+    write_sidecar(results, facts)
 
 
 def _written_targets(frame: pl.DataFrame) -> pl.DataFrame:

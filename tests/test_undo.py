@@ -17,7 +17,7 @@ import httpx
 import polars as pl
 import pytest
 
-from allo_batch.record import read_before_images, read_results
+from allo_batch.record import journal_path, read_before_images, read_results, result_schema
 from allo_batch.sandbox import PERSONAS, ApiKey, RunningSandbox, build_world
 from allo_batch.sandbox.world import World
 from tests.helpers import KEY, PERSONA_NAMES, SandboxFactory, authorization, invoke
@@ -261,6 +261,7 @@ def test_undo_keeps_an_edit_made_between_a_stopped_run_and_its_rerun(
         imaged = set(read_before_images(results)["call_id"])
         assert set(unwritten) <= imaged  # the case at hand: images of rows never written
         edited = unwritten[-1]
+        time.sleep(1.1)  # the person's edit spends the key's budget too: a window's worth
         edit(sandbox, edited, "edited by a human between the runs")
         assert invoke(args).exit_code == 0
         undone = invoke(["undo", str(results), "--base-url", url, "--json"])
@@ -316,3 +317,52 @@ def test_the_image_put_back_is_the_one_before_our_first_write_or_before_someone_
         "created by us": None,
         "once": "A",
     }
+
+
+def test_a_run_into_a_result_file_an_undo_put_back_is_refused(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A canary lands 3 rows, undo puts them back: the result file still says they landed, so
+    a run into it would skip them as done (exit 0 with the targets not holding their
+    content). It is refused instead, and a run into a new output writes all 10."""
+    source, world, originals = setup(tmp_path, 10)
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        run = ["run", str(source), "--base-url", url, "--json"]
+        assert invoke([*run, "-o", str(results), "--limit", "3"]).exit_code == 0
+        preview = invoke(["undo", str(results), "--base-url", url, "--dry-run"])
+        assert preview.exit_code == 0, preview.output
+        assert invoke([*run, "-o", str(results), "--limit", "4"]).exit_code == 0  # still fine
+        undone = invoke(["undo", str(results), "--base-url", url])
+        assert undone.exit_code == 0, undone.output
+        assert held(sandbox) == originals, undone.output
+        refused = invoke([*run, "-o", str(results)])
+        fresh = invoke([*run, "-o", str(tmp_path / "again.csv")])
+        now = held(sandbox)
+    assert refused.exit_code == 2
+    assert "an undo of its writes began" in refused.stderr
+    assert "new --output" in refused.stderr
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(fresh.stdout)["by_status"] == {"updated": 10}
+    assert all(now[call].startswith("corrected") for call in originals)
+
+
+@pytest.mark.parametrize("own", ["results", "sidecar", "journal", "undo input", "before-images"])
+def test_undo_refuses_to_write_its_results_over_the_runs_own_files(
+    tmp_path: Path, own: str
+) -> None:
+    """``undo RESULTS -o RESULTS`` replaced the run's record with the undo's outcomes."""
+    results = tmp_path / "run.csv"
+    pl.DataFrame(schema=result_schema()).write_csv(results)
+    target = {
+        "results": results,
+        "sidecar": tmp_path / "run.csv.run.json",
+        "journal": journal_path(results),
+        "undo input": tmp_path / "run.csv.undo.input.parquet",
+        "before-images": tmp_path / "run.csv.before" / "x.parquet",
+    }[own]
+    refused = invoke(["undo", str(results), "-o", str(target), "--base-url", "http://127.0.0.1:9"])
+    assert refused.exit_code == 2, refused.output
+    assert "own files" in refused.stderr
+    assert results.read_text().count("\n") == 1  # the header, untouched

@@ -227,7 +227,7 @@ def undo(
     """
     from allo_batch.jobspec import RunRequest, configs_for
     from allo_batch.report import RunConsole
-    from allo_batch.undo import plan_undo
+    from allo_batch.undo import mark_undone, plan_undo
 
     console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
     _STATE["log"].console = console
@@ -243,8 +243,11 @@ def undo(
                 api_key_file=api_key_file,
                 dry_run=dry_run,
                 progress=sys.stderr.isatty(),
+                force=plan.merge,
             )
             configs = configs_for(request).configs
+            if not dry_run:
+                mark_undone(results, plan.output)
         except AlloBatchError as error:
             console.failed(str(error), int(error.exit_code))
             sys.exit(int(error.exit_code))
