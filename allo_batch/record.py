@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -1095,13 +1096,24 @@ def read_before_images(output: Path) -> pl.DataFrame:
 
 
 def _write_durably(frame: pl.DataFrame, final: Path) -> None:
+    """``frame`` as the Parquet file ``final``, on disk before this returns; or nothing.
+
+    Encoded in memory first (a chunk of before-images: a few hundred rows), so that a full
+    disk is the OSError the run stops on (exit 3), not a polars error naming it."""
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
     temp = final.with_name(f".{final.name}.tmp")
     fd = open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "wb") as handle:
-        frame.write_parquet(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
     _fsync_path(final.parent)
 
 

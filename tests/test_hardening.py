@@ -590,6 +590,45 @@ def test_a_full_disk_stops_the_run_with_3_and_a_rerun_finishes(
     assert "File name too long; the machine refused it (not a bug, not your data)" in (named.output)
 
 
+def test_a_disk_full_under_the_before_images_stops_the_run_with_3_and_leaves_no_debris(
+    sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second chunk of before-images meets a full disk (its file writes to /dev/full):
+    exit 3 with what the machine said, as for the journal (polars' own error about it was
+    "internal error, a bug", 70), its temporary file removed, and nothing of that chunk sent;
+    a rerun lands the rest, none twice."""
+    import allo_batch.record as record
+
+    ids = [f"cll-{i}" for i in range(250)]
+    source, output = write(tmp_path / "in.csv", ids), tmp_path / "out.csv"
+    opened = record.open_private
+    chunks = iter(range(10**6))
+
+    def full_disk(path: Path, flags: int) -> int:
+        fd = opened(path, flags)
+        if path.name.endswith(".chunk.parquet.tmp") and next(chunks) >= 1:
+            os.close(fd)
+            return os.open("/dev/full", os.O_WRONLY)
+        return fd
+
+    with sandbox_factory(world_of(*ids), api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url]
+        monkeypatch.setattr(record, "open_private", full_disk)
+        stopped = invoke(args)
+        monkeypatch.undo()
+        left = sorted(p.name for p in (tmp_path / "out.csv.before").iterdir())
+        written_then = sandbox.state()["counters"]["patch"]
+        finished = invoke([*args, "--json"])
+        state = sandbox.state()
+    assert stopped.exit_code == 3, stopped.output
+    assert "No space left on device; the machine refused it (not a bug" in stopped.output
+    assert not [name for name in left if name.endswith(".tmp")], left
+    assert written_then <= 200  # the first chunk's rows at most
+    assert finished.exit_code == 0, finished.output
+    assert sorted(s["writes"] for s in state["summaries"]) == [1] * 250
+    assert set(read_before_images(output)["call_id"]) == set(ids)  # every write has its image
+
+
 def test_verify_and_blind_together_are_refused(tmp_path: Path) -> None:
     """--verify reads back what was written; --blind reads nothing: the verify was skipped
     without a word. Exit 2, before anything."""
