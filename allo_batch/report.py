@@ -7,13 +7,14 @@ never per row (performance.md rule 16).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from allo_batch.models import DEFERRED_REASONS, STATUSES, SUCCESS, InputCheck, RunSummary
 
@@ -325,6 +326,11 @@ def summary_json(summary: RunSummary) -> str:
     return json.dumps(summary.as_dict(), sort_keys=True)
 
 
+_COUNTED_FROM_THE_FILE: Final = frozenset(
+    {"rows", "by_status", "by_error_code", "output", "exit_code"}
+)
+
+
 def summarize_file(path: Path) -> RunSummary:
     """The summary of any result file, plus run figures from its sidecar when present."""
     import polars as pl
@@ -341,18 +347,9 @@ def summarize_file(path: Path) -> RunSummary:
         output=str(path),
     )
     sidecar: dict[str, Any] = read_sidecar(path).get("summary", {})
-    for name in (
-        "requests",
-        "rate_limited",
-        "rate_limit",
-        "achieved_rate",
-        "latency_p50_ms",
-        "latency_p95_ms",
-        "elapsed_seconds",
-        "stopped_reason",
-        "dry_run",
-        "in_doubt_resent",
-    ):
+    # Every figure the run recorded (reads, verification, changes, ...), but the counts, which
+    # the file itself gives (a later rerun or merge may have changed them).
+    for name in {f.name for f in dataclasses.fields(RunSummary)} - _COUNTED_FROM_THE_FILE:
         if name in sidecar:
             setattr(summary, name, sidecar[name])
     if summary.stopped_reason:

@@ -356,3 +356,7 @@ def test_verify_reads_landed_targets_back_and_resends_nothing(
         assert {r["call_id"] for r in sidecar["verify"]["rows"]} == set(frame["call_id"][1::2])
     else:
         assert summary["verify_differs"] == 0
+    # report of the result file gives the run's figures back, those of reading included
+    reported = json.loads(invoke(["report", str(output), "--json"]).stdout)
+    for name in ("verified", "verify_differs", "reads", "changes", "auth_form", "requests"):
+        assert reported[name] == summary[name], name
