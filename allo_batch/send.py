@@ -303,7 +303,9 @@ class Sender:
         while True:
             if not await self._permit():
                 raise ReadStoppedError
-            answer = await self._client.read_items(ids, lane=lane)
+            answer = await self._read_in_flight(ids, lane)
+            if answer is None:  # cut off: the run stopped and its grace ran out
+                raise ReadStoppedError
             self.stats.reads += 1
             if answer.kind == "ok":
                 self._successes += 1
@@ -328,6 +330,18 @@ class Sender:
                 self.stop(ApiUnavailableError(f"batch reads kept failing: {answer.error_code}"))
                 raise ReadStoppedError
             await self._backoff(failures, answer, api_down=api_down)
+
+    async def _read_in_flight(self, ids: Sequence[str], lane: int) -> Answer | None:
+        """One batch read, in flight like a write: a stop's grace period, or a second signal,
+        cuts it off (None). A stalled read held a stopped run for its whole timeout."""
+        answer: Answer | None = None
+        with anyio.CancelScope() as scope:
+            self._in_flight.add(scope)
+            try:
+                answer = await self._client.read_items(ids, lane=lane)
+            finally:
+                self._in_flight.discard(scope)
+        return answer
 
     async def _dispatch(self, request: PlannedRequest, lane: int) -> Answer | None:
         now = self._clock()

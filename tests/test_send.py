@@ -318,6 +318,46 @@ def test_a_stop_wakes_rows_waiting_for_a_permit(what: str) -> None:
         assert recorded.results[1].message == stopped
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stop_cuts_off_a_batch_read_in_flight(signals: int) -> None:
+    """A batch read that hangs (a stalled API) held a stopped run for its whole timeout (30 s
+    by default: under Airflow, SIGTERM then a kill). It is in flight like a write: one signal
+    cuts it off when the grace period ends, a second at once."""
+    grace = 1.0
+
+    async def stalled(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep_forever()
+        raise AssertionError  # never reached
+
+    async def go() -> float:
+        transport = httpx.MockTransport(stalled)
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = AlloClient(http, "http://127.0.0.1:9", Secret("ak_send_test"))
+            sender = Sender(client, Pacer(1e6), Recorded(), policy=RetryPolicy())
+            ended: list[float] = []
+
+            async def read() -> None:
+                await _read_stopped(sender)
+                ended.append(anyio.current_time())
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(read)
+                    group.start_soon(sender.enforce_grace)
+                    await anyio.wait_all_tasks_blocked()
+                    started = anyio.current_time()
+                    sender.stop(InterruptedRunError("interrupted by SIGTERM"), grace=grace)
+                    if signals == 2:
+                        sender.cancel_in_flight()
+            return ended[0] - started
+
+    took = anyio.run(go)
+    if signals == 1:
+        assert grace <= took < grace + 3.0
+    else:
+        assert took < grace
+
+
 async def _read_stopped(sender: Sender) -> None:
     with pytest.raises(ReadStoppedError):
         await sender.read_items(["cll-1"], lane=0)
