@@ -607,14 +607,17 @@ def _warn_if_late(config: JobConfig, prepared: _Prepared, rate: float) -> None:
     rows = max(prepared.total - prepared.done.height, 0)
     need = rows / rate
     if need > left:
+        deadline = config.finish_by
+        shown = deadline.isoformat(timespec="seconds" if deadline.second else "minutes")
+        when = f"is {_duration(left)} away" if left > 0 else f"passed {_duration(-left)} ago"
         log.warning(
-            "about %d rows left need about %s at %g writes/s, but --finish-by %s is %s away: "
-            "the run will stop then, and the next window's run resumes",
+            "about %d rows left need about %s at %g writes/s, but --finish-by %s %s: the run "
+            "will stop then, and the next window's run resumes",
             rows,
             _duration(need),
             rate,
-            config.finish_by.isoformat(timespec="minutes"),
-            _duration(max(left, 0.0)),
+            shown,
+            when,
         )
 
 

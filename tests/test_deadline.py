@@ -93,3 +93,27 @@ def test_a_dry_run_says_how_long_the_writes_would_take(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0
     assert "writes    would take about 5m00s at 2/s" in result.stderr
+
+
+def test_a_deadline_already_past_is_called_past_and_nothing_is_sent(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A deadline that passed (an Airflow retry after its window) is shown to the second and
+    said to have passed, not "0 s away"; the run stops at once with exit 3, reason deadline,
+    every row not_sent, so the next window's run sends them."""
+    ids = [f"cll-{i:03d}" for i in range(5)]
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]}).write_csv(source)
+    world = build_world(seed_pairs=[(c, None) for c in ids])
+    world.add_key(ApiKey(key=KEY, write_per_second=10, read_per_second=10))
+    output = tmp_path / "out.csv"
+    deadline = (datetime.now().astimezone() - timedelta(minutes=5)).replace(second=7)
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        args = ["run", str(source), "-o", str(output), "--base-url", sandbox.base_url, "--json"]
+        stopped = invoke([*args, "--finish-by", deadline.replace(microsecond=0).isoformat()])
+        patches = sandbox.state()["counters"].get("patch", 0)
+    assert stopped.exit_code == 3, stopped.output
+    assert f"--finish-by {deadline.isoformat(timespec='seconds')} passed " in stopped.stderr
+    assert " ago: the run will stop then" in stopped.stderr
+    assert patches == 0
+    assert set(read_results(output)["status"]) == {"not_sent"}
