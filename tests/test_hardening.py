@@ -307,6 +307,33 @@ def test_a_bug_under_json_logs_ends_with_a_json_stop_event(
     assert "a bug in validation" in saved.read_text()
 
 
+@pytest.mark.parametrize(
+    ("words", "said"),
+    [
+        (["run", "{source}", "--rate", "0", "--log-format", "json"], "'--rate'"),
+        (["run", "{source}", "--log-format=json", "--concurrency", "x"], "'--concurrency'"),
+        (["--debug", "nosuch", "--log-format", "json"], "No such command 'nosuch'"),
+        (["run", "{source}", "--rate", "0"], None),
+    ],
+)
+def test_a_command_line_mistake_under_json_logs_is_a_json_stop_event(
+    tmp_path: Path, words: list[str], said: str | None
+) -> None:
+    """click printed its usage error as text even under ``--log-format json``, the one line of
+    such a log that was not JSON. Now it is a ``stop`` event with exit 2; without JSON logs,
+    click's own text as before."""
+    source = write(tmp_path / "in.csv", ["cll-001"])
+    result = invoke([word.format(source=source) for word in words])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    if said is None:
+        assert lines[-1] == "Error: Invalid value for '--rate': 0.0 is not in the range x>=0.0001."
+        return
+    events = [json.loads(line) for line in lines]
+    assert [(e["event"], e["exit_code"]) for e in events] == [("stop", 2)]
+    assert said in events[0]["reason"]
+
+
 def test_a_ten_second_outage_is_ridden_out(sandbox_factory: SandboxFactory, tmp_path: Path) -> None:
     """The API refuses connections for 10 s mid-run (a deploy): the run waits, says so, and
     finishes with exit 0, every row landed once (or resent only if it was in flight)."""

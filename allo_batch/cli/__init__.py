@@ -13,7 +13,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import import_module
 from pathlib import Path
 from typing import Any, NoReturn
@@ -54,6 +54,27 @@ class _Group(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
+    def main(self, args: Sequence[str] | None = None, *positional: Any, **extra: Any) -> Any:
+        """Click's own, but a mistake on the command line (``--rate 0``) is a ``stop`` event
+        under ``--log-format json``, like every other last line, not click's text."""
+        if positional or extra.get("standalone_mode") is False:
+            return super().main(args, *positional, **extra)
+        words = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(words, **extra, standalone_mode=False)
+        except click.ClickException as exc:
+            if _json_log_asked(words):
+                from allo_batch.report import RunConsole
+
+                RunConsole("json").failed(exc.format_message(), exc.exit_code)
+            else:
+                exc.show()  # as click shows it
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -79,6 +100,12 @@ def cli(debug: bool) -> None:
     handler = _STATE.setdefault("log", ConsoleLogHandler())
     handler.console = None  # an earlier command's, in a process that runs several (tests)
     handler.install()
+
+
+def _json_log_asked(words: list[str]) -> bool:
+    """Whether the command line asks for ``--log-format json`` (read before click could)."""
+    pairs = zip(words, [*words[1:], ""], strict=True)
+    return "--log-format=json" in words or ("--log-format", "json") in pairs
 
 
 def _fail(error: AlloBatchError) -> NoReturn:
