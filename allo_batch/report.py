@@ -362,6 +362,20 @@ def summarize_file(path: Path) -> RunSummary:
     return summary
 
 
+def unfinished_result_file(path: Path) -> str | None:
+    """What to say of a result file that is missing because its run was cut off (``kill -9``,
+    a lost machine) before writing it: its journal is there, and a rerun writes it."""
+    from allo_batch.record import journal_path
+
+    if path.exists() or not journal_path(path).exists():
+        return None
+    return (
+        f"{path} is not written yet: a run into it was cut off before the end (its journal, "
+        f"{journal_path(path).name}, keeps what landed). Run the same command again, with the "
+        "same --output, to finish it and write the result file"
+    )
+
+
 def exit_code_for(by_status: dict[str, int], *, deferred: int = 0) -> int:
     """0 when every row's target holds its content (updated, unchanged, skipped), the
     ``deferred`` not_sent rows aside; else 1."""

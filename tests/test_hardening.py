@@ -692,3 +692,19 @@ def test_an_output_that_is_a_folder_or_no_result_file_is_named_plainly(tmp_path:
         f"{tmp_path / 'in.csv.gz'}: a result file is named .parquet, .csv or .ndjson"
     )
     assert "--output" not in report.output
+
+
+@pytest.mark.parametrize("command", ["report", "undo"])
+def test_report_or_undo_of_a_run_cut_off_before_its_result_file_says_how_to_finish(
+    tmp_path: Path, command: str
+) -> None:
+    """After ``kill -9`` only the journal is there: "does not exist" sent people looking. The
+    message names the journal and the rerun that writes the result file."""
+    output = tmp_path / "out.csv"
+    journal_path(output).write_text("")
+    said = invoke([command, str(output)])
+    assert said.exit_code == 2
+    assert "is not written yet: a run into it was cut off before the end" in said.stderr
+    assert "out.csv.journal" in said.stderr
+    journal_path(output).unlink()
+    assert "does not exist" in invoke([command, str(output)]).stderr  # no journal: as before

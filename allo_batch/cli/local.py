@@ -11,10 +11,10 @@ import click
 from allo_batch.cli import _fail, cli
 from allo_batch.cli.options import (
     DIFF_OPTIONS,
-    FILE,
     LOCATION,
     MAX_SHOWN,
     REPORT_OPTIONS,
+    RESULT_FILE,
     column_option,
     declared,
     path,
@@ -108,7 +108,7 @@ def diff(
 
 
 @cli.command()
-@click.argument("result", type=FILE)
+@click.argument("result", type=RESULT_FILE)
 @column_option
 @declared(REPORT_OPTIONS)
 def report(result: Path, **options: Any) -> None:

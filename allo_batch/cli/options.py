@@ -72,6 +72,21 @@ def path(**kind: Any) -> click.Path:
 FILE = path(exists=True, dir_okay=False)
 
 
+class _ResultFile(click.Path):
+    """An existing result file; a missing one whose run was cut off says how to finish it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from allo_batch.report import unfinished_result_file
+
+        problem = unfinished_result_file(Path(value))
+        if problem is not None:
+            self.fail(problem, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+RESULT_FILE = _ResultFile(path_type=Path, exists=True, dir_okay=False)
+
+
 class _Location(click.ParamType[Any]):
     """A local path, or an object in a store (``s3://bucket/key``, ``https://...``)."""
 

@@ -14,8 +14,8 @@ import click
 
 from allo_batch.cli import _STATE, _exit_130_on_signals, _fail, cli
 from allo_batch.cli.options import (
-    FILE,
     LOCATION,
+    RESULT_FILE,
     RUN_EXTRA_OPTIONS,
     UNDO_OPTIONS,
     column_option,
@@ -193,7 +193,7 @@ def _embedded_sandbox(inputs: list[Path], **options: Any) -> Iterator[str]:
 
 
 @cli.command()
-@click.argument("results", type=FILE)
+@click.argument("results", type=RESULT_FILE)
 @declared(UNDO_OPTIONS)
 @picked_options(
     "base_url",
