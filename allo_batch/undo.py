@@ -200,12 +200,14 @@ def _first_images(images: pl.DataFrame) -> pl.DataFrame:
         .with_columns(pl.col("template_key").fill_null(NO_TEMPLATE).alias("_target"))
         .with_columns(pl.int_range(pl.len()).over(target).alias("_at"))
     )
+    # Worked out on the hashes alone: the images' contents are not copied by the joins.
+    slim = ordered.select(*target, "_at", "content_sha256", "written_sha256")
     # Images that show a content one of our earlier runs meant to write to the same target.
-    earlier_write = ordered.select(
+    earlier_write = slim.select(
         *target, pl.col("written_sha256").alias("content_sha256"), pl.col("_at").alias("_by")
     )
     ours = (
-        ordered.join(earlier_write, on=[*target, "content_sha256"])
+        slim.join(earlier_write, on=[*target, "content_sha256"])
         .filter(pl.col("_by") < pl.col("_at"))
         .select(*target, "_at")
         .unique()
@@ -213,9 +215,13 @@ def _first_images(images: pl.DataFrame) -> pl.DataFrame:
     )
     changed = pl.col("content_sha256").ne_missing(pl.col("content_sha256").shift(1).over(target))
     starts = (pl.col("_at") == 0) | (changed & pl.col("_ours").is_null())
+    start = (
+        slim.join(ours, on=[*target, "_at"], how="left", maintain_order="left")
+        .select(starts)
+        .to_series()
+    )
     return (
-        ordered.join(ours, on=[*target, "_at"], how="left", maintain_order="left")
-        .filter(starts)
+        ordered.filter(start)
         .unique(subset=target, keep="last", maintain_order=True)
         .select("call_id", "_target", "found", "content", "certain")
     )
