@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -1298,7 +1299,14 @@ class _Checkpoints:
             f"{error}; the result file is kept in {self.output} and the journal beside it: "
             "a rerun uploads it"
         )
-        stop.summary = summary
+        # The summary printed (and a scheduler's record of it) says so too, not exit 0 with the
+        # store's address, where nothing is.
+        stop.summary = dataclasses.replace(
+            summary,
+            exit_code=int(stop.exit_code),
+            stopped_reason=stop.message,
+            output=str(self.output),
+        )
         return stop
 
 

@@ -687,6 +687,11 @@ def test_a_failed_final_upload_keeps_the_journal_and_a_rerun_uploads(
         failed = run_here(args)
         assert failed.exit_code == 3, failed.output
         assert "the store is down" in failed.output
+        # The summary (what a scheduler keeps) agrees: exit 3, why, and where the file is.
+        said = summary_of(failed)
+        assert said["exit_code"] == 3
+        assert "the store is down" in said["stopped_reason"]
+        assert said["output"].startswith(str(state))
         assert len(list(state.rglob("out.parquet.journal"))) == 1
         assert not bucket.exists("out.parquet")
         monkeypatch.setattr(Store, "upload", upload)
