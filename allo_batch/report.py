@@ -270,11 +270,12 @@ def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
         lines.append("  by error code:")
         for code, count in sorted(summary.by_error_code.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    {code:<32} {count}")
+    if summary.changes:
+        found = ", ".join(f"{n} {change}" for change, n in sorted(summary.changes.items()))
+        lines.append(f"  targets   read first: {found}")
     if summary.requests:
-        rate = f"{summary.achieved_rate:.2f}/s" if summary.achieved_rate else "n/a"
-        limit = f" of a {summary.rate_limit:g}/s limit" if summary.rate_limit else ""
         lines.append(
-            f"  requests  {summary.requests} at {rate}{limit}; 429s: {summary.rate_limited}"
+            f"  requests  {summary.requests} {_pace(summary)}; 429s: {summary.rate_limited}"
         )
         if summary.latency_p50_ms is not None:
             p50, p95 = summary.latency_p50_ms, summary.latency_p95_ms or 0.0
@@ -299,6 +300,19 @@ def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
         lines.append(f"  results: {summary.output}")
     lines.append(f"  exit code {summary.exit_code}")
     return "\n".join(lines)
+
+
+def _pace(summary: RunSummary) -> str:
+    """The rate the requests went out at, against the key's limit. Requests sent within a
+    second have no rate to speak of: a window's allowance may go out at once (a fixed window
+    lets it), and 5 requests "at 835/s of a 50/s limit" read like a broken limit."""
+    rate, requests = summary.achieved_rate, summary.requests
+    if not rate:
+        return "at n/a"
+    limit = f" of a {summary.rate_limit:g}/s limit" if summary.rate_limit else ""
+    if (requests - 1) / rate < 1.0:
+        return f"within a second{limit.replace(' of a', ', under a')}"
+    return f"at {rate:.2f}/s{limit}"
 
 
 def format_input_check(found: InputCheck) -> str:

@@ -60,3 +60,24 @@ def test_report_command_summarises_a_result_file(tmp_path: Path) -> None:
     assert "INVALID_ITEM_ID                  2" in result.output
     as_json = runner.invoke(cli, ["report", str(output), "--json"])
     assert '"exit_code": 1' in as_json.output
+
+
+def test_the_summary_says_what_the_reads_found_and_no_rate_for_a_burst() -> None:
+    """A dry run with a key counts the changes: the text said only "not_sent 200", as if all
+    200 were to be written. Requests sent within a second get no rate: 5 "at 835.79/s of a
+    50/s limit" read like a broken limit, while a window's allowance may go out at once."""
+    from allo_batch.models import RunSummary
+    from allo_batch.report import format_summary
+
+    dry = RunSummary(
+        rows=200,
+        by_status={"not_sent": 200},
+        changes={"changed": 100, "unchanged": 100},
+        dry_run=True,
+        requests=0,
+    )
+    assert "  targets   read first: 100 changed, 100 unchanged" in format_summary(dry)
+    burst = RunSummary(rows=5, requests=5, achieved_rate=835.79, rate_limit=50)
+    assert "  requests  5 within a second, under a 50/s limit; 429s: 0" in format_summary(burst)
+    paced = RunSummary(rows=150, requests=150, achieved_rate=49.8, rate_limit=50)
+    assert "  requests  150 at 49.80/s of a 50/s limit; 429s: 0" in format_summary(paced)
