@@ -40,7 +40,7 @@ from allo_batch.config import (
 from allo_batch.constants import DEFAULT_BASE_URL
 from allo_batch.errors import UsageError
 from allo_batch.options import OPTIONS, LogFormat, RunOptions
-from allo_batch.storage import Location, ObjectUri, StorageOptions, location
+from allo_batch.storage import Location, ObjectUri, StorageOptions, location, matching_objects
 
 _DATE_PLACEHOLDERS: Final = ("ds", "ds_nodash", "job")
 
@@ -216,12 +216,14 @@ def plan_files(
     ds: date,
     input_override: Location | None = None,
     output_override: Location | None = None,
+    storage: StorageOptions | None = None,
 ) -> list[PlannedFile]:
     """The runs this job makes on ``ds``: one per input file, each with its result file.
 
     An empty list means no file matched (the caller applies ``if_no_input``).
     """
     values = placeholders(spec, ds)
+    storage = storage or StorageOptions()
     inputs: list[Location]
     if input_override is not None:
         inputs = [input_override]
@@ -232,7 +234,7 @@ def plan_files(
         found = _placed(spec, pattern, values)
         expanded = str(found)
         if isinstance(found, ObjectUri):
-            inputs = [found]  # an object in a store: no glob; looked for when it is read
+            inputs = list(matching_objects(found, storage))
         elif glob.has_magic(expanded):
             inputs = [Path(p) for p in sorted(glob.glob(expanded)) if Path(p).is_file()]
         else:
@@ -347,7 +349,15 @@ def configs_for(request: RunRequest, *, env: Mapping[str, str] | None = None) ->
     spec = load_spec(request.job)
     options = request.options.over(spec_options(spec))
     ds = request.ds or date.today()
-    files = plan_files(spec, ds=ds, input_override=request.input, output_override=request.output)
+    stored = StorageOptions.from_mapping(spec.get("storage_options", {}), "storage_options")
+    storage = request.storage_options.over(stored)
+    files = plan_files(
+        spec,
+        ds=ds,
+        input_override=request.input,
+        output_override=request.output,
+        storage=storage,
+    )
     plan = JobPlan([], log_format=_log_format(options), job=spec.name, ds=ds)
     if not files:
         pattern = spec.get("input")
@@ -357,10 +367,7 @@ def configs_for(request: RunRequest, *, env: Mapping[str, str] | None = None) ->
         raise UsageError(why)
     key = _spec_key(request, spec, environ)
     columns = {**spec.get("columns", {}), **request.columns}
-    stored = StorageOptions.from_mapping(spec.get("storage_options", {}), "storage_options")
-    request = dataclasses.replace(
-        request, columns=columns, storage_options=request.storage_options.over(stored)
-    )
+    request = dataclasses.replace(request, columns=columns, storage_options=storage)
     plan.configs.extend(_config(request, options, f.input, f.output, key) for f in files)
     return plan
 

@@ -498,6 +498,32 @@ def _reason(exc: BaseException) -> str:
 # -- inputs ------------------------------------------------------------------------------------
 
 
+def matching_objects(pattern: ObjectUri, options: StorageOptions) -> list[ObjectUri]:
+    """The objects a job's ``input`` names, as a local path's glob would: those whose key
+    matches ``*``, ``?`` or ``[...]``, in name order, or the object itself; none when nothing
+    matches (the job's ``if_no_input`` then decides). A plain https:// input is taken as
+    named: it can be neither listed nor, reliably, asked whether it exists."""
+    import glob
+
+    if pattern.read_only:
+        return [pattern]
+    store = Store(pattern, options)
+    if not glob.has_magic(pattern.uri):
+        return [pattern] if store.exists(pattern) else []
+    try:
+        found = store.fs.glob(store.path(pattern))
+    except FileNotFoundError as exc:
+        if _bucket_missing(exc):
+            raise failure(exc, pattern, "list it") from None
+        return []
+    except Exception as exc:
+        raise failure(exc, pattern, "list it") from None
+    return sorted(
+        (ObjectUri(f"{pattern.scheme}://{name}") for name in found if not str(name).endswith("/")),
+        key=lambda uri: uri.uri,
+    )
+
+
 def download_input(uri: ObjectUri, options: StorageOptions, folder: Path) -> Path:
     """The input copied into ``folder`` (see the module doc: one download, a stable copy)."""
     store = Store(uri, options)

@@ -406,6 +406,38 @@ def test_a_job_spec_names_objects_and_storage_options(
     assert "credentials never go on a command line" in refused.output
 
 
+def test_a_job_spec_globs_objects_and_skips_a_night_without_any(
+    bucket: Bucket, sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """A job's input in a bucket is a glob as a local one is: each matching object its own
+    run, in name order. A night with no object is skipped with ``if_no_input = "skip"`` (exit
+    0), as for a local drop; both used to fail with "no such object" (exit 2)."""
+    frame = corrections(6)
+    for part, rows in (("b", frame[3:]), ("a", frame[:3])):
+        local = write_local(rows, tmp_path / f"part-{part}.csv")
+        bucket.put(local, f"drop/2026-11-24/part-{part}.csv")
+    bucket.put(write_local(frame[:1], tmp_path / "other.csv"), "drop/2026-11-24/other.csv")
+    spec = tmp_path / "nightly.toml"
+    spec.write_text(
+        f'input = "s3://{bucket.name}/drop/{{ds}}/part-*.csv"\n'
+        f'output = "s3://{bucket.name}/results/{{ds}}/{{stem}}.results.csv"\n'
+        f'state_dir = "{tmp_path / "spec-state"}"\n'
+        'if_no_input = "skip"\n'
+    )
+    with sandbox_factory(world_for(frame), api_key=KEY) as sb:
+        done = run_here(["--job", str(spec), "--ds", "2026-11-24", "--base-url", sb.base_url])
+        quiet = run_here(["--job", str(spec), "--ds", "2026-11-25", "--base-url", sb.base_url])
+        applied = sb.app.counters["writes_applied"]
+    assert done.exit_code == 0, done.output
+    assert applied == 6
+    for part in ("a", "b"):
+        results = bucket.results(f"results/2026-11-24/part-{part}.results.csv", tmp_path)
+        assert results["status"].to_list() == ["updated"] * 3
+    assert not bucket.exists("results/2026-11-24/other.results.csv")
+    assert quiet.exit_code == 0, quiet.output
+    assert "nothing to do" in quiet.output
+
+
 def test_an_https_input_is_read_and_its_query_never_shown(tmp_path: Path) -> None:
     served = tmp_path / "www"
     served.mkdir()
