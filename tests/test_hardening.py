@@ -708,3 +708,12 @@ def test_report_or_undo_of_a_run_cut_off_before_its_result_file_says_how_to_fini
     assert "out.csv.journal" in said.stderr
     journal_path(output).unlink()
     assert "does not exist" in invoke([command, str(output)]).stderr  # no journal: as before
+
+
+@pytest.mark.parametrize("command", ["diff", "report", "undo"])
+def test_commands_of_local_files_say_so_for_an_object_in_a_store(command: str) -> None:
+    """diff, report and undo read local files only: an s3:// URI was taken for a path and
+    shown as "s3:/bucket/key: no such file"."""
+    said = invoke([command, "s3://bucket/in/c.csv"])
+    assert said.exit_code == 2
+    assert f"s3://bucket/in/c.csv: {command} reads local files only" in said.stderr

@@ -11,13 +11,13 @@ import click
 from allo_batch.cli import _fail, cli
 from allo_batch.cli.options import (
     DIFF_OPTIONS,
+    LOCAL_PATH,
     LOCATION,
     MAX_SHOWN,
     REPORT_OPTIONS,
     RESULT_FILE,
     column_option,
     declared,
-    path,
     picked_options,
 )
 from allo_batch.errors import AlloBatchError
@@ -61,7 +61,7 @@ def validate(input_path: Any, format: str | None, columns: tuple[str, ...], show
 
 
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=path())
+@click.argument("input_path", metavar="INPUT", type=LOCAL_PATH)
 @column_option
 @declared(DIFF_OPTIONS)
 @picked_options("format", "base_url", "rate", "timeout", "auth", "limit")

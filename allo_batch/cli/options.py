@@ -72,19 +72,33 @@ def path(**kind: Any) -> click.Path:
 FILE = path(exists=True, dir_okay=False)
 
 
-class _ResultFile(click.Path):
+class _LocalPath(click.Path):
+    """A local path: an object's URI is refused as such, not taken for a path (``s3:/b/k``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if "://" in str(value):
+            command = ctx.info_name if ctx is not None else "this command"
+            self.fail(
+                f"{value}: {command} reads local files only; copy the object here first",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
+class _ResultFile(_LocalPath):
     """An existing result file; a missing one whose run was cut off says how to finish it."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         from allo_batch.report import unfinished_result_file
 
-        problem = unfinished_result_file(Path(value))
-        if problem is not None:
+        if "://" not in str(value) and (problem := unfinished_result_file(Path(value))):
             self.fail(problem, param, ctx)
         return super().convert(value, param, ctx)
 
 
 RESULT_FILE = _ResultFile(path_type=Path, exists=True, dir_okay=False)
+LOCAL_PATH = _LocalPath(path_type=Path)
 
 
 class _Location(click.ParamType[Any]):
