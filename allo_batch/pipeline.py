@@ -314,7 +314,8 @@ def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Pre
     _check_not_undone(output)
     identity, duplicates = survey(source, config.batch_size, config.limit)
     earlier = load_earlier(output)
-    _check_same_input(output, identity, earlier.inputs, force=config.force)
+    # Named as the user gave it: an output in a store is read from a local copy.
+    _check_same_input(config.output_path, identity, earlier.inputs, force=config.force)
     return _Prepared(
         source,
         identity,
@@ -340,7 +341,11 @@ def _check_not_undone(output: Path) -> None:
 
 
 def _check_same_input(
-    output: Path, current: InputFingerprint, earlier: list[dict[str, Any]], *, force: bool
+    output: Path | ObjectUri,
+    current: InputFingerprint,
+    earlier: list[dict[str, Any]],
+    *,
+    force: bool,
 ) -> None:
     """Refuse to merge results of a different input into ``output`` (unless ``--force``)."""
     for seen in earlier:

@@ -233,6 +233,11 @@ def test_input_and_results_in_a_bucket_then_a_rerun_elsewhere_sends_nothing(
         assert summary_of(again)["requests"] == 0
         assert summary_of(again)["by_status"] == {"skipped": 40}
         assert sb.app.counters["writes_applied"] == 40
+        # Another input into it is refused, naming the output as given, not its local copy.
+        other = bucket.put(write_local(frame[:5], tmp_path / source), f"other/{source}")
+        refused = run_here([other, *args[1:]])
+        assert refused.exit_code == 2
+        assert f"{output} holds results of another input" in refused.output
     no_secret_in(first.output, again.output, *(p.read_bytes() for p in files_under(tmp_path)))
     for key in bucket.listing():
         no_secret_in(bucket.read(key))
