@@ -69,7 +69,7 @@ from allo_batch.plan import (
     plan_frame,
     with_content_hashes,
 )
-from allo_batch.preview import Change, Preview, preview_schema, similarity
+from allo_batch.preview import PAGE_ROWS, Change, Preview, preview_schema, similarity
 from allo_batch.read import (
     Fingerprinter,
     InputFingerprint,
@@ -915,16 +915,17 @@ def preview_input(
     """``allo-batch diff``: read every valid row's target and say what a run would change.
 
     Writes the preview file (``preview.preview_schema``), sends nothing, keeps the first
-    ``show`` changed rows for their diffs. ``html``, the page the caller writes after, is only
-    checked here, with the preview file, before anything is read: neither may replace the
-    input or a run's result file.
+    ``show`` changed rows for their diffs (with ``html``, the first ``PAGE_ROWS`` at least).
+    ``html``, the page the caller writes after, is only checked here, with the preview file,
+    before anything is read: neither may replace the input or a run's result file.
     """
     if isinstance(config.input, Path):
         refuse_to_overwrite("--output", output, {"the input": config.input})
         if html is not None:
             keep = {"the input": config.input, "the preview file": output}
             refuse_to_overwrite("--html", html, keep)
-    return anyio.run(partial(_preview, config, output, show, transport))
+    kept = show if html is None else max(show, PAGE_ROWS)
+    return anyio.run(partial(_preview, config, output, kept, transport))
 
 
 async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -> Preview:

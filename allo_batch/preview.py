@@ -90,6 +90,7 @@ class Preview:
     counts: dict[str, int] = field(default_factory=dict)
     shown: list[Change] = field(default_factory=list)
     reads: int = 0
+    page: str | None = None  # the HTML page written, if any
 
     def count(self, change: str) -> None:
         """Count one row."""
@@ -101,6 +102,8 @@ class Preview:
         lines = [f"allo-batch diff: {self.rows} rows ({self.reads} batch reads)"]
         lines += [f"  {c:<11} {self.counts[c]}" for c in CHANGES if self.counts.get(c)]
         lines.append(f"  preview: {self.output}")
+        if self.page is not None:
+            lines.append(f"  page:    {self.page} (side-by-side diffs of {len(self.shown)} rows)")
         return lines
 
 
@@ -124,6 +127,11 @@ _NEXT_LINKS: Final = re.compile(
 )
 
 
+# Changed rows a ``diff --html`` page shows, whatever ``--show`` prints: a page to scroll
+# through, of a size a browser opens (each row keeps both texts until the page is written).
+PAGE_ROWS: Final = 1000
+
+
 def html_page(preview: Preview) -> str:
     """One self-contained page (no network resource) with side-by-side diffs to scroll."""
     maker = difflib.HtmlDiff(wrapcolumn=80)
@@ -139,8 +147,12 @@ def html_page(preview: Preview) -> str:
         f"<h1>allo-batch diff: {preview.rows} rows</h1>",
         f"<table class='counts'>{counts}</table>",
     ]
-    if len(preview.shown) < preview.counts.get("changed", 0):
-        parts.append(f"<p>The first {len(preview.shown)} changed rows:</p>")
+    changed = preview.counts.get("changed", 0)
+    if len(preview.shown) < changed:
+        parts.append(
+            f"<p>The first {len(preview.shown)} of {changed} changed rows (the preview file "
+            "lists them all):</p>"
+        )
     for change in preview.shown:
         parts.append(f"<h2>{html.escape(change.title)}</h2>")
         table = maker.make_table(
@@ -161,3 +173,4 @@ def write_html(preview: Preview, path: Path) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(html_page(preview))
+    preview.page = str(path)

@@ -72,9 +72,13 @@ def test_diff_html_is_self_contained_private_escaped_and_renders(
     with sandbox_factory(world, api_key=KEY) as sandbox:
         result = invoke(
             ["diff", str(source), "-o", str(tmp_path / "p.csv"), "--base-url", sandbox.base_url,
-             "--html", str(page)]
+             "--html", str(page), "--show", "0"]
         )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # --show says how many diffs to print; the page holds every changed row (up to
+    # PAGE_ROWS), and the command says where it is.
+    assert "Refund" not in result.stdout
+    assert f"  page:    {page} (side-by-side diffs of 2 rows)" in result.stdout
     html = page.read_text()
     assert page.stat().st_mode & 0o777 == 0o600
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:)?//", html)

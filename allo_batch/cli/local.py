@@ -100,7 +100,7 @@ def diff(
         _fail(error)
     click.echo("\n".join(found.summary_lines()))
     color = sys.stdout.isatty()
-    for change in found.shown:
+    for change in found.shown[:show]:
         click.echo(f"\n{change.title}")
         for line in change.unified():
             fg = "green" if line.startswith("+") else "red" if line.startswith("-") else None
