@@ -720,7 +720,9 @@ def _json_line_problem(raw: bytes, offset: int, columns: tuple[str, ...] | list[
     if not text.strip():
         return ""
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys)
+        # Without its line break: an object cut short at the end of the line was reported at
+        # "column 1" of the line after.
+        value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)
     except _DuplicateKeyError as exc:
         return f": key {_shown(exc.key)} appears twice"
     except (ValueError, RecursionError) as exc:

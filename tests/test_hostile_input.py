@@ -403,6 +403,11 @@ def test_a_key_given_twice_in_an_ndjson_object_is_refused(tmp_path: Path) -> Non
         ('{"call_id": "cll-1", "content": "a"}\n\n  \n[1, 2]\n', "line 4: not a JSON object"),
         ('{"call_id": "cll-1", "content": "a"}\n"SECRET"\n', "line 2: not a JSON object"),
         ("SECRET not json at all\n", "line 1: not valid JSON"),
+        # cut short at the end of its line: the column there, not "column 1" of the next
+        (
+            '{"call_id":"cll-1","content":"a"}\n{"call_id":"cll-2","content":"b"\n',
+            "line 2: not valid JSON (Expecting ',' delimiter, column 33)",
+        ),
     ],
 )
 def test_a_broken_ndjson_line_is_named(tmp_path: Path, text: str, problem: str) -> None:
