@@ -256,8 +256,17 @@ def plan_files(
     planned = [
         PlannedFile(path, _placed(spec, template, {**values, "stem": path.stem})) for path in inputs
     ]
+    # A glob that also matches the job's own result files (input "d/*.csv", output
+    # "d/{stem}.results.csv") would take them for inputs on the rerun: they are left out.
+    outputs = {_same_place(run.output) for run in planned if run.output is not None}
+    planned = [run for run in planned if _same_place(run.input) not in outputs]
     _refuse_shared_outputs(spec, planned)
     return planned
+
+
+def _same_place(where: Location) -> str:
+    """A location as two spellings of one file compare."""
+    return str(where.resolve()) if isinstance(where, Path) else where.uri
 
 
 def _refuse_shared_outputs(spec: JobSpec, planned: list[PlannedFile]) -> None:

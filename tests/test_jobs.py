@@ -133,6 +133,18 @@ def test_placeholders_and_relative_paths_resolve_beside_the_spec(tmp_path: Path)
         plan_files(no_stem, ds=dt.date(2026, 11, 23))
 
 
+def test_a_glob_that_matches_the_job_s_own_result_files_leaves_them_out(tmp_path: Path) -> None:
+    """input "d/*.csv" and output "d/{stem}.results.csv": the rerun took a.results.csv for an
+    input of its own, and every rerun was refused (exit 2). Result files are left out."""
+    drops = tmp_path / "d"
+    drops.mkdir()
+    corrections(2).write_csv(drops / "a.csv")
+    (drops / "a.results.csv").write_text("row,call_id\n")
+    spec = load_spec(write_spec(tmp_path, 'input = "d/*.csv"\noutput = "d/{stem}.results.csv"\n'))
+    planned = plan_files(spec, ds=dt.date(2026, 11, 23))
+    assert [(p.input, p.output) for p in planned] == [(drops / "a.csv", drops / "a.results.csv")]
+
+
 def test_the_shipped_examples_load_and_plan() -> None:
     """jobs/nightly.toml and jobs/backfill.toml load and plan as documented."""
     nightly = load_spec(JOBS / "nightly.toml")
