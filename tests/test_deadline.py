@@ -18,6 +18,7 @@ from allo_batch.config import parse_deadline
 from allo_batch.errors import UsageError
 from allo_batch.record import read_results
 from allo_batch.sandbox import ApiKey, build_world
+from allo_batch.sandbox.world import World
 from tests.helpers import SandboxFactory
 
 KEY = "ak_deadline_key_0e5c"
@@ -38,17 +39,23 @@ def test_a_deadline_is_iso_8601_or_the_next_hh_mm() -> None:
         parse_deadline("tomorrow", now)
 
 
+def calls_at_10_per_second(tmp_path: Path, count: int) -> tuple[Path, World]:
+    """``count`` corrections, and a world of their calls whose key writes 10 a second."""
+    ids = [f"cll-{i:03d}" for i in range(count)]
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]}).write_csv(source)
+    world = build_world(seed_pairs=[(c, None) for c in ids])
+    world.add_key(ApiKey(key=KEY, write_per_second=10, read_per_second=10))
+    return source, world
+
+
 def test_a_run_that_cannot_finish_says_so_stops_at_the_deadline_and_a_rerun_finishes(
     sandbox_factory: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """80 rows at 10/s need 8 s; a deadline 3 s away: warned at the start, writing until the
     deadline and none after it (exit 3, reason named, result file written), and the rerun lands
     the rest, every row once."""
-    ids = [f"cll-{i:03d}" for i in range(80)]
-    source = tmp_path / "in.csv"
-    pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]}).write_csv(source)
-    world = build_world(seed_pairs=[(c, None) for c in ids])
-    world.add_key(ApiKey(key=KEY, write_per_second=10, read_per_second=10))
+    source, world = calls_at_10_per_second(tmp_path, 80)
     output = tmp_path / "out.csv"
     with sandbox_factory(world, api_key=KEY) as sandbox:
         applied: list[float] = []  # when each write was applied (sandbox side)
@@ -101,11 +108,7 @@ def test_a_deadline_already_past_is_called_past_and_nothing_is_sent(
     """A deadline that passed (an Airflow retry after its window) is shown to the second and
     said to have passed, not "0 s away"; the run stops at once with exit 3, reason deadline,
     every row not_sent, so the next window's run sends them."""
-    ids = [f"cll-{i:03d}" for i in range(5)]
-    source = tmp_path / "in.csv"
-    pl.DataFrame({"call_id": ids, "content": [f"fix {c}" for c in ids]}).write_csv(source)
-    world = build_world(seed_pairs=[(c, None) for c in ids])
-    world.add_key(ApiKey(key=KEY, write_per_second=10, read_per_second=10))
+    source, world = calls_at_10_per_second(tmp_path, 5)
     output = tmp_path / "out.csv"
     deadline = (datetime.now().astimezone() - timedelta(minutes=5)).replace(second=7)
     with sandbox_factory(world, api_key=KEY) as sandbox:
