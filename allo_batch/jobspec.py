@@ -139,6 +139,12 @@ def _check(spec: JobSpec, key: str, value: Any) -> None:
             raise spec.error(key, f"expected {option.expected()}, not {_describe(value)}")
         if not option.accepts(value):
             raise spec.error(key, f"expected {option.expected()}, not {value!r}")
+        if key == "finish_by":  # checked here, to be named as the file's, not as --finish-by
+            try:
+                parse_deadline(value)
+            except UsageError:
+                problem = f"{value!r} is no time: use an ISO 8601 date-time or HH:MM"
+                raise spec.error(key, problem) from None
         return
     field = SPEC_FIELDS.get(key)
     if field is None:

@@ -69,6 +69,7 @@ def write_spec(folder: Path, text: str, name: str = "job.toml") -> Path:
         ),
         ("rate = 5\nrate = 6\n", ["not valid TOML", "line 2"]),
         ("started = 2026-11-23", ["key 'started'", "unknown key"]),
+        ('finish_by = "tomorrow"', ["key 'finish_by'", "'tomorrow' is no time", "HH:MM"]),
     ],
 )
 def test_a_bad_spec_is_refused_naming_file_key_and_type(
