@@ -535,14 +535,34 @@ def download_input(uri: ObjectUri, options: StorageOptions, folder: Path) -> Pat
 
 @contextlib.contextmanager
 def scratch_folder(root: Path | None = None) -> Iterator[Path]:
-    """An owner-only temporary folder under the state folder (removed on the way out)."""
+    """An owner-only temporary folder under the state folder (removed on the way out), named
+    after this process: those of processes gone (``kill -9``) are removed first, since they
+    hold copies of inputs, customer content."""
     base = state_root(root) / "spool"
     try:
         _private_folder(base, state_root(root))
     except UsageError:
         base = Path(tempfile.gettempdir())
-    with tempfile.TemporaryDirectory(prefix="allo-batch-", dir=base) as name:
+    _remove_abandoned_scratch(base)
+    with tempfile.TemporaryDirectory(prefix=f"allo-batch-{os.getpid()}-", dir=base) as name:
         yield Path(name)
+
+
+_SCRATCH: Final = re.compile(r"allo-batch-(\d+)-\w+")
+
+
+def _remove_abandoned_scratch(base: Path) -> None:
+    """Remove the scratch folders in ``base`` of processes no longer running."""
+    for folder in base.glob("allo-batch-*-*"):
+        found = _SCRATCH.fullmatch(folder.name)
+        if found is None or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue  # alive as another user's, or no pid at all: not ours to judge
 
 
 @contextlib.contextmanager

@@ -747,3 +747,25 @@ def test_run_sandbox_seeds_its_world_from_an_input_in_a_bucket(
     done = run_here([uri, "-o", bucket.uri("out.csv"), "--sandbox", "--sandbox-rate", "100"])
     assert done.exit_code == 0, done.output
     assert summary_of(done)["by_status"] == {"updated": 8}
+
+
+def test_a_scratch_folder_left_by_a_killed_process_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A run killed (kill -9) with an input in a bucket left the input's copy, customer
+    content, in the spool for good. The next scratch folder removes those of processes gone,
+    and leaves a running one's."""
+    state = tmp_path / "state"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    spool = state / "spool"
+    spool.mkdir(parents=True, mode=0o700)
+    os.chmod(state, 0o700)
+    left = spool / f"allo-batch-{gone.pid}-abc123"
+    running = spool / f"allo-batch-{os.getppid()}-def456"
+    for folder in (left, running):
+        folder.mkdir()
+        (folder / "0").write_text("call_id,content\ncll-1,customer text\n")
+    with storage.scratch_folder(state) as mine:
+        assert mine.parent == spool and mine.name.startswith(f"allo-batch-{os.getpid()}-")
+        assert not left.exists()
+        assert (running / "0").exists()
+    assert not mine.exists()
