@@ -191,6 +191,18 @@ class Looked:
             reason="already_right",
         )
 
+    def unverifiable(self) -> RowResult:
+        """A row with an expectation whose read cannot be tied to its template."""
+        return self.request.result(
+            "conflict",
+            message=(
+                "expected_sha256 cannot be checked: a read shows one summary of a call with "
+                "two, maybe not this template's; left alone (undo --force, or the row without "
+                "expected_sha256, writes it)"
+            ),
+            reason="uncertain",
+        )
+
     def conflict(self, expected: str) -> RowResult:
         """The target no longer holds what it was expected to (an undo after an edit)."""
         request = self.request
@@ -297,7 +309,11 @@ class Looker:
             # A target that already holds this row's content is no conflict: an undo resumed
             # after its restore landed in flight finds exactly that.
             holds_it = item.current.sha256 == item.request.content_sha256
-            if expected is not None and item.current.sha256 != expected and not holds_it:
+            if expected is not None and not item.certain:
+                # The read may show another template's summary: it can neither prove nor
+                # disprove the expectation, and a guess either way is a lost update.
+                self._settle(item.unverifiable())
+            elif expected is not None and item.current.sha256 != expected and not holds_it:
                 self._settle(item.conflict(expected))
             elif self._dry_run:
                 self._settle(dry_run_result(item.request, change))

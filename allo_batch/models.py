@@ -92,7 +92,7 @@ Reason = Literal[
     "repeat",  # skipped: the same target and content as an earlier row of this input
     "already_right",  # unchanged: a certain read showed the target holds this content
     "changed_since",  # conflict: the target no longer holds what the run wrote (undo)
-    "uncertain",  # skipped by undo: the before-image could not be tied to the template
+    "uncertain",  # skipped by undo, or conflict: a read could not be tied to the template
     "no_before_image",  # skipped by undo: nothing to put back (the target had no summary)
 ]
 #: Reasons of rows left unsent on purpose: they do not make the exit code non-zero.

@@ -247,6 +247,43 @@ def test_rows_naming_a_template_are_written_with_an_uncertain_before_image(
     assert read_before_images(output)["certain"].to_list() == [False]
 
 
+@pytest.mark.parametrize("persona", PERSONA_NAMES)
+@pytest.mark.parametrize("expects", ["the summary the read shows", "the target's own"])
+def test_an_expectation_on_a_template_a_read_cannot_show_is_never_taken_as_met(
+    sandbox_factory: SandboxFactory, tmp_path: Path, persona: str, expects: str
+) -> None:
+    """A read shows one summary of a two-template call, whichever each persona shows. A row
+    naming the other template with expected_sha256 was checked against the summary shown: an
+    expectation that did not hold let the write through (a lost update), and one that held
+    was refused. Neither can be known: the row is a conflict (reason uncertain), not written."""
+    world = build_world()
+    world.add_call("cll-two", ["MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL"])
+    for template in ("MARKDOWN_CLASSIC", "MARKDOWN_SHORT_CALL"):
+        world.calls["cll-two"][template].content = f"{template} text"
+    world.add_key(ApiKey(key=KEY, write_per_second=50))
+    expected = {"the summary the read shows": "MARKDOWN_CLASSIC text"}.get(
+        expects, "MARKDOWN_SHORT_CALL text"
+    )
+    source = tmp_path / "cas.csv"
+    pl.DataFrame(
+        {
+            "call_id": ["cll-two"],
+            "template_key": ["MARKDOWN_SHORT_CALL"],
+            "content": ["new"],
+            "expected_sha256": [sha(expected)],
+        }
+    ).write_csv(source)
+    output = tmp_path / "out.csv"
+    with sandbox_factory(world, api_key=KEY, persona=persona) as sandbox:
+        result = invoke(["run", str(source), "-o", str(output), "--base-url", sandbox.base_url])
+        patches = sandbox.state()["counters"].get("patch", 0)
+    assert patches == 0
+    assert result.exit_code == 1, result.output
+    row = read_results(output).row(0, named=True)
+    assert (row["status"], row["reason"]) == ("conflict", "uncertain")
+    assert "expected_sha256 cannot be checked" in row["message"]
+
+
 @pytest.mark.parametrize("order", ["input", "shuffled"])
 @pytest.mark.parametrize("missing", ["omit", "error"])
 def test_reads_are_matched_by_id_whatever_the_api_does(
