@@ -541,6 +541,15 @@ class TestInspectionAndWorlds:
         path.write_text(json.dumps({"calls": [{"id": "msg-x"}]}))
         with pytest.raises(WorldError, match="cll-"):
             load_world_file(path)
+        # Wrong shapes are named too (they were a TypeError: exit 70, "a bug").
+        for shape, said in (
+            ({"calls": 5}, "'calls' must be a list, not int"),
+            ({"keys": {"key": "k"}}, "'keys' must be a list, not dict"),
+            ({"calls": [{"id": "cll-a", "templates": "MARKDOWN"}]}, "must be a list of names"),
+        ):
+            path.write_text(json.dumps(shape))
+            with pytest.raises(WorldError, match=said):
+                load_world_file(path)
 
     def test_seeded_from_an_input_file(self, tmp_path: Path) -> None:
         """Every cll- id of the input exists with the templates its rows name; others do not."""
@@ -732,3 +741,13 @@ def test_sandbox_command_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize("option", ["--write-rate", "--read-rate"])
+def test_the_sandbox_refuses_a_key_limit_of_zero(option: str) -> None:
+    """A limit of 0 was accepted, and a run against it waited for a permit for ever."""
+    from tests.helpers import invoke
+
+    refused = invoke(["sandbox", option, "0"])
+    assert refused.exit_code == 2
+    assert f"Invalid value for '{option}': 0 is not in the range x>=1" in refused.stderr

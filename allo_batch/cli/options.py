@@ -161,8 +161,10 @@ SANDBOX_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [
     (["--port"], {"type": click.IntRange(0, 65535), "default": 8765, "show_default": True,
      "help": "Port; 0 picks a free one."}),
     (["--api-key"], {"help": "The full-scope key [default: generated]."}),
-    (["--write-rate"], {"default": 5, "show_default": True, "help": "Writes per second per key."}),
-    (["--read-rate"], {"default": 20, "show_default": True, "help": "Reads per second per key."}),
+    (["--write-rate"], {"type": click.IntRange(min=1), "default": 5, "show_default": True,
+     "help": "Writes per second per key."}),
+    (["--read-rate"], {"type": click.IntRange(min=1), "default": 20, "show_default": True,
+     "help": "Reads per second per key."}),
     (["--world", "world_file"], {"type": FILE, "help": "World JSON: calls with their "
      "completed templates, SMS ids, extra keys."}),
     (["--from-input"], {"type": FILE, "help": "Make every cll- id of this corrections file "

@@ -109,17 +109,21 @@ def _apply_world_json(world: World, raw: Any, *, source: str) -> None:
     if not isinstance(raw, dict):
         msg = f"{source}: the world must be a JSON object"
         raise WorldError(msg)
-    for call in raw.get("calls", []):
+    for call in _listed(raw, "calls", source):
         if not isinstance(call, dict) or not str(call.get("id", "")).startswith(CALL_PREFIX):
             msg = f"{source}: each call needs an id starting with {CALL_PREFIX!r}: {call!r}"
             raise WorldError(msg)
-        world.add_call(str(call["id"]), list(call.get("templates", [DEFAULT_TEMPLATE])))
-    for sms_id in raw.get("sms", []):
+        templates = call.get("templates", [DEFAULT_TEMPLATE])
+        if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+            msg = f"{source}: the templates of {call['id']!r} must be a list of names"
+            raise WorldError(msg)
+        world.add_call(str(call["id"]), templates)
+    for sms_id in _listed(raw, "sms", source):
         if not str(sms_id).startswith(SMS_PREFIX):
             msg = f"{source}: SMS ids start with {SMS_PREFIX!r}: {sms_id!r}"
             raise WorldError(msg)
         world.sms.add(str(sms_id))
-    for key in raw.get("keys", []):
+    for key in _listed(raw, "keys", source):
         try:
             world.add_key(
                 ApiKey(
@@ -132,6 +136,15 @@ def _apply_world_json(world: World, raw: Any, *, source: str) -> None:
         except (KeyError, TypeError, ValueError) as exc:
             msg = f"{source}: bad key entry {key!r}: {exc}"
             raise WorldError(msg) from exc
+
+
+def _listed(raw: dict[str, Any], name: str, source: str) -> list[Any]:
+    """The world file's list ``name`` (none: empty), or a WorldError naming the file."""
+    found = raw.get(name, [])
+    if not isinstance(found, list):
+        msg = f"{source}: {name!r} must be a list, not {type(found).__name__}"
+        raise WorldError(msg)
+    return found
 
 
 def seed_from_pairs(world: World, pairs: list[tuple[str, str | None]]) -> None:
