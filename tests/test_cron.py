@@ -196,6 +196,15 @@ RESUMES = "the next run resumes"
             id="2",
         ),
         pytest.param(
+            2,
+            "",
+            "Usage: allo-batch run [OPTIONS] [INPUT]\nTry 'allo-batch run --help' for help.\n\n"
+            "Error: Invalid value for '--ds': '25/11/2026' is not a date\n",
+            ["nothing was sent", "Invalid value for '--ds'", "fix it and rerun"],
+            ["Error: "],
+            id="2-usage",
+        ),
+        pytest.param(
             3,
             "",
             stop_event("the API refused the key: UNAUTHORIZED (HTTP 401)"),
