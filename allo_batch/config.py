@@ -282,6 +282,10 @@ def parse_column_mapping(items: tuple[str, ...] | list[str]) -> dict[str, str]:
                 f"{', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}"
             )
             raise UsageError(msg)
+        if ours in mapping and mapping[ours] != theirs:
+            given = f"{mapping[ours]!r} and {theirs!r}"
+            msg = f"--column {ours}= is given twice ({given}); give it once"
+            raise UsageError(msg)
         mapping[ours] = theirs
     return mapping
 

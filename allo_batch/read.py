@@ -176,7 +176,24 @@ def _map_columns(
             f"columns found: {_shown_names(found)}"
         )
         raise InputError(msg)
+    _refuse_shared_columns(path, columns)
     return columns
+
+
+def _refuse_shared_columns(path: Path, columns: dict[str, str | None]) -> None:
+    """Two fields read from one column (``--column content=call_id``): each call's id would be
+    sent as its summary."""
+    read_by: dict[str, str] = {}
+    for name, source in columns.items():
+        if source is None:
+            continue
+        if source in read_by:
+            msg = (
+                f"{path}: column {_shown(source)} would be read as both {read_by[source]} and "
+                f"{name}; map each field to a column of its own (--column)"
+            )
+            raise InputError(msg)
+        read_by[source] = name
 
 
 def _refuse_duplicates(path: Path, found: tuple[str, ...]) -> None:

@@ -68,6 +68,32 @@ class TestUsageErrors:
         assert result.exit_code == 0, result.output
         assert pl.read_csv(out)["status"].to_list() == ["not_sent"]
 
+    @pytest.mark.parametrize(
+        ("mapping", "said"),
+        [
+            (
+                ["call_id=Conversation ID", "content=Conversation ID"],
+                "column 'Conversation ID' would be read as both call_id and content",
+            ),
+            (["content=call_id"], "column 'call_id' would be read as both call_id and content"),
+            (
+                ["call_id=Conversation ID", "call_id=content"],
+                "--column call_id= is given twice ('Conversation ID' and 'content')",
+            ),
+        ],
+    )
+    def test_one_column_read_as_two_fields_is_refused(
+        self, tmp_path: Path, mapping: list[str], said: str
+    ) -> None:
+        """Mapped to one column twice, each call's id was sent as its summary (validate said
+        "1 valid"); a field mapped twice kept the last mapping without a word."""
+        path = tmp_path / "x.csv"
+        path.write_text("Conversation ID,call_id,content\ncll-1,cll-2,a\n")
+        words = [word for item in mapping for word in ("--column", item)]
+        result = run_cli("validate", str(path), *words)
+        assert result.exit_code == 2, result.output
+        assert said in result.output
+
     def test_empty_file_gives_an_empty_result_and_exit_0(self, tmp_path: Path) -> None:
         """An empty input is not an error: a result file with no rows."""
         path = tmp_path / "empty.csv"
