@@ -28,7 +28,8 @@ Trigger with a config to run another spec or file: ``{"job": "backfill.toml"}``,
 these three: ``job`` is a spec's file name in the jobs folder, ``input`` and ``output`` are
 absolute paths or s3://, gs:// or az:// URIs. The base URL is never taken from a trigger (see
 ``allo_batch_command.py``). Anything else fails the task at once, without retries, before the
-key is read.
+key is read. A spec that names ``api_key_file`` (``backfill.toml`` does) reads the key from
+that file on the worker, not from the connection.
 """
 
 from __future__ import annotations
