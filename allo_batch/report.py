@@ -309,10 +309,10 @@ def _pace(summary: RunSummary) -> str:
     rate, requests = summary.achieved_rate, summary.requests
     if not rate:
         return "at n/a"
-    limit = f" of a {summary.rate_limit:g}/s limit" if summary.rate_limit else ""
+    limit = f"a {summary.rate_limit:g}/s limit" if summary.rate_limit else None
     if (requests - 1) / rate < 1.0:
-        return f"within a second{limit.replace(' of a', ', under a')}"
-    return f"at {rate:.2f}/s{limit}"
+        return "within a second" + (f", under {limit}" if limit else "")
+    return f"at {rate:.2f}/s" + (f" of {limit}" if limit else "")
 
 
 def format_input_check(found: InputCheck) -> str:
