@@ -146,6 +146,26 @@ def mark_undone(results: Path, undo_results: Path) -> None:
     write_sidecar(results, facts)
 
 
+def unmark_if_nothing_sent(results: Path, undo_results: Path) -> None:
+    """Take :func:`mark_undone` back when the undo sent nothing and carries nothing landed: it
+    stopped before its first write (no key, a refused key, an unreachable API), so ``results``
+    still says what its targets hold. A journal left means it was cut off: the mark stays."""
+    import polars as pl
+
+    if journal_path(undo_results).exists():
+        return
+    if undo_results.exists():
+        sent = (pl.col("attempts") > 0) | pl.col("version").is_not_null()
+        if read_results(undo_results).filter(sent).height:
+            return
+    facts = read_sidecar(results)
+    facts.pop("undone_by", None)
+    if facts:
+        write_sidecar(results, facts)
+    else:  # made by mark_undone alone
+        sidecar_path(results).unlink(missing_ok=True)
+
+
 def _written_targets(frame: pl.DataFrame) -> pl.DataFrame:
     """Targets the run and its reruns wrote, with the last content hash written to each."""
     import polars as pl

@@ -366,3 +366,27 @@ def test_undo_refuses_to_write_its_results_over_the_runs_own_files(
     assert refused.exit_code == 2, refused.output
     assert "own files" in refused.stderr
     assert results.read_text().count("\n") == 1  # the header, untouched
+
+
+def test_an_undo_that_sent_nothing_leaves_the_result_file_open_to_runs(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """An undo without a key (or whose API is down) stops before its first write: the run's
+    result file still says what its targets hold, so a run into it is not refused, where the
+    mark the undo left said an undo had begun."""
+    source, world, _originals = setup(tmp_path, 4)
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        url = sandbox.base_url
+        run = ["run", str(source), "-o", str(results), "--base-url", url]
+        assert invoke([*run, "--limit", "2"]).exit_code == 0
+        keyless = invoke(["undo", str(results), "--base-url", url], key=None)
+        assert keyless.exit_code == 2, keyless.output
+        down = invoke(
+            ["undo", str(results), "--base-url", "http://127.0.0.1:9", "--max-outage", "1"]
+        )
+        assert down.exit_code == 3, down.output
+        rest = invoke([*run, "--json"])
+    assert rest.exit_code == 0, rest.output
+    assert json.loads(rest.stdout)["by_status"] == {"skipped": 2, "updated": 2}
+    assert "undone_by" not in json.loads((tmp_path / "run.csv.run.json").read_text())

@@ -227,7 +227,7 @@ def undo(
     """
     from allo_batch.jobspec import RunRequest, configs_for
     from allo_batch.report import RunConsole
-    from allo_batch.undo import mark_undone, plan_undo
+    from allo_batch.undo import mark_undone, plan_undo, unmark_if_nothing_sent
 
     console = RunConsole(str(table.get("log_format") or "text"), as_json=as_json)
     _STATE["log"].console = console
@@ -253,4 +253,7 @@ def undo(
             sys.exit(int(error.exit_code))
         for line in plan.lines():
             console.skipped(line)
-        sys.exit(_run_all(configs, console))
+        code = _run_all(configs, console)
+        if not dry_run:
+            unmark_if_nothing_sent(results, plan.output)
+        sys.exit(code)
