@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -433,7 +434,40 @@ def _csv_reader(path: Path, columns: list[str], suffix: bytes, block: int) -> It
         stream.close()
 
 
-class _Suffixed(io.RawIOBase):
+class _ReadByPyarrow(io.RawIOBase):
+    """A file that pyarrow reads from its own threads, closed only between two reads.
+
+    pyarrow's readahead can still be reading the previous stream when ``_growing_blocks``
+    opens the file again with larger blocks. Closed under that read, its descriptor would be
+    reused by the new open, and the old read would take the new file's first block (seen in
+    CI: a line of 3 MB "does not start with '{'"). The lock makes ``close`` wait for it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = path.open("rb", buffering=0)
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        # pyarrow calls read(); RawIOBase's own would allocate, readinto and copy once more.
+        with self._lock:
+            if self._file.closed:
+                raise ValueError("read of a closed file")
+            return self._read(size)
+
+    def _read(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+        super().close()
+
+
+class _Suffixed(_ReadByPyarrow):
     """A file read as if ``suffix`` followed its last byte.
 
     Reads are filled to the size asked: pyarrow parses whatever its first read returns as a
@@ -441,15 +475,10 @@ class _Suffixed(io.RawIOBase):
     """
 
     def __init__(self, path: Path, suffix: bytes) -> None:
-        super().__init__()
-        self._file = path.open("rb", buffering=0)
+        super().__init__(path)
         self._suffix = suffix
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        # pyarrow calls read(); RawIOBase's own would allocate, readinto and copy once more.
+    def _read(self, size: int) -> bytes:
         if size < 0:
             data, self._suffix = self._file.readall() + self._suffix, b""
             return data
@@ -459,10 +488,6 @@ class _Suffixed(io.RawIOBase):
             take = size - len(data)
             data, self._suffix = data + self._suffix[:take], self._suffix[take:]
         return data
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
 
 
 def _end_row(width: int) -> bytes:
@@ -654,7 +679,7 @@ class _NotAnObjectError(ValueError):
     """A line of an NDJSON file does not start with ``{``."""
 
 
-class _ObjectLines(io.RawIOBase):
+class _ObjectLines(_ReadByPyarrow):
     """An NDJSON file, refused as it is read at the first line that does not start with ``{``.
 
     pyarrow 26's JSON reader crashes the process (SIGSEGV) when a block starts with a line
@@ -673,15 +698,11 @@ class _ObjectLines(io.RawIOBase):
     _BLANKS: Final = re.compile(rb"[ \t]*")
 
     def __init__(self, path: Path) -> None:
-        super().__init__()
-        self._file = path.open("rb", buffering=0)
+        super().__init__(path)
         # Whether what was read so far ends at the start of a line (or in its first blanks).
         self._line_start = True
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
+    def _read(self, size: int) -> bytes:
         data = self._file.read(size) if size >= 0 else self._file.readall()
         bad_first = self._line_start and self._BAD_FIRST.match(data)
         if bad_first or any(pattern.search(data) for pattern in self._BAD_STARTS):
@@ -692,10 +713,6 @@ class _ObjectLines(io.RawIOBase):
             blank_tail = self._BLANKS.fullmatch(data, last + 1) is not None
             self._line_start = (last >= 0 or self._line_start) and blank_tail
         return data
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
 
 
 class _DuplicateKeyError(ValueError):

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +342,53 @@ def test_a_3_mb_field_is_read_and_refused_as_too_long_by_validation(
     checked = validate_batch(frame, duplicates_in(frame))
     assert checked["error_code"].to_list()[:3] == [None, "INVALID_REQUEST_BODY", None]
     assert f"over the API's maximum of {MAX_CONTENT_CHARS}" in checked["message"][1]
+
+
+@pytest.mark.parametrize("stream_class", ["_Suffixed", "_ObjectLines"])
+def test_a_stream_pyarrow_reads_is_closed_only_after_the_read_in_flight(
+    tmp_path: Path, stream_class: str
+) -> None:
+    """pyarrow's readahead may still be reading the stream of a reader given up for larger
+    blocks. Closing under that read would let the file opened next reuse its descriptor and
+    lose its first block to the old read (a CI failure of the test above): close waits."""
+    import allo_batch.read as read_module
+
+    path = tmp_path / "rows.ndjson"
+    path.write_text('{"call_id": "cll-1"}\n')
+    args = (path, b"") if stream_class == "_Suffixed" else (path,)
+    stream = getattr(read_module, stream_class)(*args)
+    in_read, release = threading.Event(), threading.Event()
+    real_file = stream._file
+
+    class SlowFile:
+        closed = False
+
+        def read(self, size: int) -> bytes:
+            in_read.set()
+            assert release.wait(5)
+            return bytes(real_file.read(size))
+
+        def close(self) -> None:
+            real_file.close()
+            SlowFile.closed = True
+
+    stream._file = SlowFile()
+    got: list[bytes] = []
+    reading = threading.Thread(target=lambda: got.append(stream.read(64)))
+    reading.start()
+    closing = threading.Thread(target=stream.close)
+    try:
+        assert in_read.wait(5)
+        closing.start()
+        closing.join(0.3)
+        assert closing.is_alive() and not SlowFile.closed
+    finally:
+        release.set()
+    reading.join(5)
+    closing.join(5)
+    assert got == [b'{"call_id": "cll-1"}\n'] and SlowFile.closed
+    with pytest.raises(ValueError):
+        stream.read(64)
 
 
 def test_a_field_past_the_first_blocks_is_read_after_earlier_batches(tmp_path: Path) -> None:
