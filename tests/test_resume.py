@@ -562,3 +562,87 @@ def test_the_journal_is_synced_within_a_second_even_when_no_answer_comes(tmp_pat
     anyio.run(watch)
     assert not recorder.unsynced
     recorder.abandon()
+
+
+def test_a_second_signal_or_a_keyboard_interrupt_does_not_cut_the_clean_up_short(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """polars turns a SIGINT into a KeyboardInterrupt of its own, and Python then runs the
+    handler for the same signal: the first interruption is the only one raised (further signals
+    are ignored while the clean-up runs), and a KeyboardInterrupt exits 130 too."""
+    from allo_batch.cli import _exit_130_on_signals, _interrupt, _Interrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    cleaned = []
+    with pytest.raises(SystemExit) as stopped, _exit_130_on_signals():
+        with pytest.raises(_Interrupted):
+            _interrupt(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        try:
+            raise KeyboardInterrupt  # as polars raises it for a SIGINT
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the clean-up runs to its end
+            time.sleep(0.05)
+            cleaned.append(True)
+    assert stopped.value.code == 130 and cleaned == [True]
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err == "allo-batch: interrupted by SIGINT\n"
+
+
+SLOW_READS = """
+import sys, time
+from pathlib import Path
+import allo_batch.read as read
+real = read._Suffixed._read
+def slow(self, size):
+    print("reading", file=sys.stderr, flush=True)
+    time.sleep(0.02)  # pyarrow's readahead is inside a read whenever the process ends
+    return real(self, size)
+read._Suffixed._read = slow
+from allo_batch.cli import main
+"""
+
+
+def test_the_process_ends_cleanly_while_pyarrow_still_reads_an_input(tmp_path: Path) -> None:
+    """pyarrow reads CSV and NDJSON through Python streams from its own threads: one still in a
+    read when the interpreter finalizes aborts the process (exit 134) or hangs it. The command
+    line ends without finalizing, whatever is left reading."""
+    source = tmp_path / "in.csv"
+    write_input(source, 60_000, invalid=False)
+    script = SLOW_READS + (
+        "batches = read.iter_batches(read.open_input(Path(sys.argv[1]), 'csv'), 1000)\n"
+        "next(batches)  # left reading ahead, as a stop mid-file leaves it\n"
+        "sys.argv = ['allo-batch', '--version']\n"
+        "main()\n"
+    )
+    for _ in range(3):
+        ended = subprocess.run(
+            [sys.executable, "-c", script, str(source)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (ended.returncode, ended.stdout) == (0, "allo-batch, version 0.1.0\n"), ended.stderr
+
+
+def test_ctrl_c_during_validate_exits_130_with_one_line(tmp_path: Path) -> None:
+    """``validate`` (and ``diff``, ``report``) end on SIGINT or SIGTERM as ``run`` does: exit
+    130 and one line, not click's "Aborted!" and exit 1 (which means "some rows invalid")."""
+    source = tmp_path / "in.csv"
+    write_input(source, 60_000, invalid=False)
+    script = SLOW_READS + "sys.argv = ['allo-batch', 'validate', sys.argv[1]]\nmain()\n"
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, str(source)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        assert process.stderr.readline() == "reading\n"
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        told = [line for line in err.splitlines() if line != "reading"]
+        name = signal.Signals(signum).name
+        assert (process.returncode, out, told) == (130, "", [f"allo-batch: interrupted by {name}"])

@@ -70,7 +70,10 @@ class _Group(click.Group):
             else:
                 exc.show()  # as click shows it
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C outside any command's
+                click.echo("allo-batch: interrupted by SIGINT", err=True)
+                sys.exit(130)
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
@@ -190,14 +193,22 @@ class _Interrupted(BaseException):
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """Raise once: a second signal, or the same one seen again (polars turns a SIGINT into its
+    own KeyboardInterrupt, then Python runs this handler for it too), must not cut short the
+    clean-up that the first one started (temporary files removed, the output's lock let go)."""
+    import signal
+
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)
     raise _Interrupted(signum)
 
 
 @contextlib.contextmanager
-def _exit_130_on_signals(console: Any) -> Iterator[None]:
+def _exit_130_on_signals(console: Any = None) -> Iterator[None]:
     """For ``run``: while rows are being sent, the run itself handles SIGINT and SIGTERM (stop,
     grace, record, exit 130). Before and after that phase a signal ends the process at once with
-    exit 130: the journal keeps whatever landed, and a rerun resumes."""
+    exit 130: the journal keeps whatever landed, and a rerun resumes. The commands that only
+    read (``validate``, ``diff``, ``report``) end the same way, with no console of their own."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -208,9 +219,13 @@ def _exit_130_on_signals(console: Any) -> Iterator[None]:
         signal.signal(signum, _interrupt)
     try:
         yield
-    except _Interrupted as stop:
-        name = signal.Signals(stop.args[0]).name
-        console.failed(f"interrupted by {name}; a rerun resumes from here", 130)
+    except (_Interrupted, KeyboardInterrupt) as stop:
+        signum = stop.args[0] if isinstance(stop, _Interrupted) else signal.SIGINT
+        said = f"interrupted by {signal.Signals(signum).name}"
+        if console is not None:
+            console.failed(f"{said}; a rerun resumes from here", 130)
+        else:
+            click.echo(f"allo-batch: {said}", err=True)
         sys.exit(130)
     finally:
         for signum, handler in previous.items():
@@ -218,5 +233,37 @@ def _exit_130_on_signals(console: Any) -> Iterator[None]:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli()
+    """Console-script entry point: the command, then :func:`exit_now` with its exit code."""
+    try:
+        cli()
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)
+
+
+def exit_now(code: object) -> NoReturn:
+    """End the process with ``code`` without finalizing the interpreter.
+
+    pyarrow reads CSV and NDJSON inputs through Python streams from threads of its own, and its
+    reader's close does not wait for them. A thread still reading (a stop mid-file), or letting
+    go of the stream, when the interpreter finalizes aborts the process (exit 134) or hangs it.
+    Nothing here needs finalizing: every file a command writes is closed (and what must survive
+    a crash is on disk) before it returns, so the output streams and the logs are flushed and the
+    process ends at once.
+    """
+    import logging
+    import os
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # as Python prints a non-integer exit code
+        with contextlib.suppress(Exception):
+            click.echo(str(code), err=True)
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe (| head) has nothing to flush to
+            stream.flush()
+    os._exit(status)

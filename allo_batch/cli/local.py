@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import click
 
-from allo_batch.cli import _fail, cli
+from allo_batch.cli import _exit_130_on_signals, _fail, cli
 from allo_batch.cli.options import (
     DIFF_OPTIONS,
     LOCAL_PATH,
@@ -47,15 +47,16 @@ def validate(input_path: Any, format: str | None, columns: tuple[str, ...], show
     from allo_batch.pipeline import check_input
     from allo_batch.report import format_input_check
 
-    try:
-        config = JobConfig(
-            input=input_path,
-            input_format=cast(Any, format),
-            columns=parse_column_mapping(columns),
-        )
-        found = check_input(config, show=show)
-    except AlloBatchError as error:
-        _fail(error)
+    with _exit_130_on_signals():
+        try:
+            config = JobConfig(
+                input=input_path,
+                input_format=cast(Any, format),
+                columns=parse_column_mapping(columns),
+            )
+            found = check_input(config, show=show)
+        except AlloBatchError as error:
+            _fail(error)
     click.echo(format_input_check(found))
     sys.exit(1 if found.invalid else 0)
 
@@ -84,20 +85,21 @@ def diff(
     from allo_batch.pipeline import preview_input
     from allo_batch.preview import write_html
 
-    try:
-        request = RunRequest(
-            input=input_path,
-            options=RunOptions(**table),
-            columns=parse_column_mapping(columns),
-            api_key_file=api_key_file,
-        )
-        [config] = configs_for(request).configs
-        target = output or input_path.with_name(f"{input_path.stem}.preview.csv")
-        found = preview_input(config, target, show=show, html=html_page)
-        if html_page is not None:
-            write_html(found, html_page)
-    except AlloBatchError as error:
-        _fail(error)
+    with _exit_130_on_signals():
+        try:
+            request = RunRequest(
+                input=input_path,
+                options=RunOptions(**table),
+                columns=parse_column_mapping(columns),
+                api_key_file=api_key_file,
+            )
+            [config] = configs_for(request).configs
+            target = output or input_path.with_name(f"{input_path.stem}.preview.csv")
+            found = preview_input(config, target, show=show, html=html_page)
+            if html_page is not None:
+                write_html(found, html_page)
+        except AlloBatchError as error:
+            _fail(error)
     click.echo("\n".join(found.summary_lines()))
     color = sys.stdout.isatty()
     for change in found.shown[:show]:
@@ -116,10 +118,11 @@ def report(result: Path, **options: Any) -> None:
     list, export or chart its rows and its run (--failed, --export-failed, --html)."""
     from allo_batch.review import ReportRequest, review
 
-    try:
-        out = review(ReportRequest(result, **options))
-    except AlloBatchError as error:
-        _fail(error)
+    with _exit_130_on_signals():
+        try:
+            out = review(ReportRequest(result, **options))
+        except AlloBatchError as error:
+            _fail(error)
     for note in out.notes:
         click.echo(note, err=True)
     if out.text:
