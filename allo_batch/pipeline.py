@@ -271,10 +271,9 @@ def _make_folder(folder: Path) -> None:
         raise UsageError(msg)
 
 
-def survey(
-    source: InputSource, batch_size: int, limit: int | None = None
-) -> tuple[InputFingerprint, Duplicates]:
-    """The input's fingerprint and its duplicate rows (of the first ``limit`` rows).
+def survey(source: InputSource, batch_size: int) -> tuple[InputFingerprint, Duplicates]:
+    """The input's fingerprint and its duplicate rows, over the whole input: a ``--limit``
+    canary must not write a row that the full run refuses as conflicting with a later one.
 
     One key-only pass gives the fingerprint and every row's target hash; a second pass, only
     when some hash repeats (or some call comes both with and without a template), reads the
@@ -285,18 +284,16 @@ def survey(
     for frame in read_ahead(key_batches(source, batch_size)):
         prints.add(frame)
         targets.add(frame)
-    return prints.result(), _duplicates(source, batch_size, targets, limit)
+    return prints.result(), _duplicates(source, batch_size, targets)
 
 
-def _duplicates(
-    source: InputSource, batch_size: int, targets: Targets, limit: int | None = None
-) -> Duplicates:
-    """The duplicates among the first ``limit`` rows, once a pass has taken in every row's
-    target. An input that gives calls both with and without a template_key is read again,
-    keys only, for the calls given both ways, and whole rows of those calls for their
-    contents (:func:`~allo_batch.validate.calls_in_conflict`)."""
+def _duplicates(source: InputSource, batch_size: int, targets: Targets) -> Duplicates:
+    """The duplicates among the rows, once a pass has taken in every row's target. An input
+    that gives calls both with and without a template_key is read again, keys only, for the
+    calls given both ways, and whole rows of those calls for their contents
+    (:func:`~allo_batch.validate.calls_in_conflict`)."""
     candidates = targets.repeated()
-    rows = partial(iter_batches, source, batch_size, limit)
+    rows = partial(iter_batches, source, batch_size)
     calls = calls_in_conflict(key_batches(source, batch_size), rows) if targets.mixed else None
     return find_duplicates(rows, candidates, calls)
 
@@ -312,7 +309,7 @@ def _prepare(config: JobConfig, output: Path, spool: Path | None = None) -> _Pre
         )
         raise UsageError(msg)
     _check_not_undone(output)
-    identity, duplicates = survey(source, config.batch_size, config.limit)
+    identity, duplicates = survey(source, config.batch_size)
     earlier = load_earlier(output)
     # Named as the user gave it: an output in a store is read from a local copy.
     _check_same_input(config.output_path, identity, earlier.inputs, force=config.force)
@@ -941,9 +938,7 @@ async def _preview(config: JobConfig, output: Path, show: int, transport: Any) -
         msg = "diff reads the current summaries: set ALLO_API_KEY or pass --api-key-file"
         raise UsageError(msg)
     source = open_input(config.input, config.format, config.columns)
-    _identity, duplicates = await anyio.to_thread.run_sync(
-        survey, source, config.batch_size, config.limit
-    )
+    _identity, duplicates = await anyio.to_thread.run_sync(survey, source, config.batch_size)
     prepared = _Prepared(source, _identity, duplicates, _no_done(), 0)
     found = Preview(str(output))
     writer = OrderedResults(output, preview_schema())

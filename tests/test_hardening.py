@@ -162,6 +162,26 @@ def test_no_sequence_of_runs_drops_a_landed_row(
     assert writes == 400
 
 
+def test_a_canary_judges_duplicates_over_the_whole_input(tmp_path: Path) -> None:
+    """Row 1 and row 6 give one target two contents: the full run refuses both (validate says
+    so), so a --limit 3 canary must not write row 1, though its conflict comes after the limit."""
+    source = tmp_path / "in.csv"
+    pl.DataFrame(
+        {
+            "call_id": ["cll-0", "cll-1", "cll-2", "cll-3", "cll-4", "cll-5", "cll-1", "cll-2"],
+            "content": ["a", "first", "same", "d", "e", "f", "second", "same"],
+        }
+    ).write_csv(source)
+    output = tmp_path / "out.csv"
+    canary = invoke(["run", str(source), "-o", str(output), "--dry-run", "--limit", "3"], env={})
+    assert canary.exit_code == 1, canary.output
+    rows = read_results(output)
+    assert rows["error_code"].to_list()[:3] == [None, "DUPLICATE_ROW", None]
+    assert rows["reason"].to_list()[2:] == ["dry_run", *["limit"] * 5]
+    checked = invoke(["validate", str(source)], env={})
+    assert checked.exit_code == 1 and "2 invalid" in checked.output
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".ndjson"])
 @pytest.mark.parametrize("content", [b"", b"call_id,content\n"])
 def test_an_empty_job_is_a_valid_job_for_every_command(
