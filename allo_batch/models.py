@@ -53,6 +53,30 @@ def stripped_or_null(name: str) -> pl.Expr:
     return pl.when(value.str.len_bytes() > 0).then(value).otherwise(None).alias(name)
 
 
+#: No call id or template key is longer, or holds white space inside: a value that does is
+#: most likely text from another column (columns swapped or mislabelled), maybe a summary.
+KEY_MAX_CHARS: Final = 64
+
+
+def not_a_key(name: str) -> pl.Expr:
+    """Whether column ``name``'s value cannot be an id or a key (see :data:`KEY_MAX_CHARS`).
+    Such a value of a refused row is never written whole: not to a message, not to the result
+    file, which must hold no summary content."""
+    import polars as pl
+
+    value = pl.col(name)
+    too_long = value.str.len_chars() > KEY_MAX_CHARS
+    return (too_long | value.str.strip_chars().str.contains(r"\s")).fill_null(False)
+
+
+def unless_not_a_key(name: str) -> pl.Expr:
+    """Column ``name`` as given, but null in a refused row where it is :func:`not_a_key`."""
+    import polars as pl
+
+    refused = pl.col(CODE).is_not_null() & not_a_key(name)
+    return pl.when(refused).then(None).otherwise(pl.col(name)).alias(name)
+
+
 def done_keys() -> list[pl.Expr]:
     """The done index's key of each row of a frame with ``call_id``, ``template_key`` (null for
     none) and ``content_sha256``; the planner computes the same for each batch."""

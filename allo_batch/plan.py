@@ -23,6 +23,7 @@ from allo_batch.models import (
     content_sha256_column,
     done_keys,
     done_rows_for,
+    unless_not_a_key,
 )
 
 if TYPE_CHECKING:
@@ -150,8 +151,8 @@ def _settled_columns(limit: int | None) -> list[pl.Expr]:
     landed = reason == "landed_earlier"
     return [
         pl.col("row"),
-        pl.col("call_id"),
-        pl.col("template_key"),
+        unless_not_a_key("call_id"),
+        unless_not_a_key("template_key"),
         status.alias("status"),
         pl.when(reason.is_null()).then(pl.col(CODE)).alias("error_code"),
         reason.is_in(["limit", "dry_run"]).fill_null(False).alias("retryable"),

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from allo_batch.constants import CALL_PREFIX, MAX_CONTENT_CHARS, TEMPLATE_KEYS, Code
-from allo_batch.models import CODE, DUPLICATE_ROW, MESSAGE, REPEAT_OF, ROW, stripped_or_null
+from allo_batch.models import (
+    CODE,
+    DUPLICATE_ROW,
+    MESSAGE,
+    REPEAT_OF,
+    ROW,
+    not_a_key,
+    stripped_or_null,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -54,6 +62,19 @@ def _shown(value: pl.Expr) -> pl.Expr:
     head = value.str.slice(0, _SHOWN_CHARS).str.replace_many(_ESCAPES)
     more = pl.when(value.str.len_chars() > _SHOWN_CHARS).then(pl.lit("…")).otherwise(pl.lit(""))
     return pl.format("'{}'{}", head, more)
+
+
+def _quoted(name: str) -> pl.Expr:
+    """Column ``name``'s value as a message quotes it (:func:`_shown`); a value that cannot be
+    an id or a key, only its length: it is most likely another column's text, maybe a summary,
+    which no message may show."""
+    import polars as pl
+
+    length = pl.col(name).str.len_chars()
+    hidden = pl.format(
+        "a text of {} characters, not shown (is this the {} column?)", length, pl.lit(name)
+    )
+    return pl.when(not_a_key(name)).then(hidden).otherwise(_shown(pl.col(name)))
 
 
 def _bad_call_id() -> pl.Expr:
@@ -132,14 +153,14 @@ def issue_message() -> pl.Expr:
         pl.when(call_id.is_null())
         .then(pl.lit("column call_id: missing"))
         .when(call_id.str.contains(_CONTROL))
-        .then(pl.format("column call_id: {} holds a control character", _shown(call_id)))
+        .then(pl.format("column call_id: {} holds a control character", _quoted("call_id")))
         .when(call_id.str.strip_chars() != call_id)
-        .then(pl.format("column call_id: {} has surrounding whitespace", _shown(call_id)))
+        .then(pl.format("column call_id: {} has surrounding whitespace", _quoted("call_id")))
         .when(~call_id.str.starts_with(CALL_PREFIX))
         .then(
             pl.format(
                 "column call_id: {} is not a call id (must start with {})",
-                _shown(call_id),
+                _quoted("call_id"),
                 pl.lit(CALL_PREFIX),
             )
         )
@@ -157,14 +178,14 @@ def issue_message() -> pl.Expr:
         .then(
             pl.format(
                 "column template_key: {} is not one of {}",
-                _shown(template),
+                _quoted("template_key"),
                 pl.lit(", ".join(TEMPLATE_KEYS)),
             )
         )
         .otherwise(
             pl.format(
                 "column expected_sha256: {} is not a SHA-256 (64 hex digits)",
-                _shown(pl.col("expected_sha256")),
+                _quoted("expected_sha256"),
             )
         )
         .alias(MESSAGE)

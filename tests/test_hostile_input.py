@@ -650,3 +650,40 @@ def test_a_damaged_parquet_file_ends_in_a_documented_exit_code(
     else:
         data[index] = byte
     check_cli_on(bytes(data), ".parquet")
+
+
+SUMMARIES = [
+    f"Maya Patel called about invoice {i}: the refund was approved and will arrive on Friday."
+    for i in range(3)
+]
+
+
+@pytest.mark.parametrize("swapped", ["template_key", "call_id", "expected_sha256"])
+def test_a_summary_in_a_key_column_is_never_written_out(tmp_path: Path, swapped: str) -> None:
+    """Columns swapped or mislabelled put summaries where an id or a key belongs: the refused
+    rows name the column and the text's length, and neither the messages, the terminal nor the
+    result file hold any of it (the result file is meant to be attached to tickets)."""
+    columns: dict[str, list[str]] = {
+        "call_id": [f"cll-{i}" for i in range(3)],
+        "template_key": ["MARKDOWN_CLASSIC"] * 3,
+        "content": ["MARKDOWN_CLASSIC"] * 3,
+    }
+    columns[swapped] = SUMMARIES
+    source = tmp_path / "in.csv"
+    pl.DataFrame(columns).write_csv(source)
+    output = tmp_path / "out.csv"
+    checked = run_cli("validate", str(source))
+    ran = run_cli("run", str(source), "-o", str(output), "--dry-run")
+    assert (checked.exit_code, ran.exit_code) == (1, 1), ran.output
+    assert (
+        f"a text of {len(SUMMARIES[0])} characters, not shown (is this the {swapped} column?)"
+        in checked.output
+    )
+    told = (checked.output + ran.output + output.read_text()).lower()
+    for summary in SUMMARIES:
+        words = summary.lower().split()
+        assert not any(" ".join(words[k : k + 2]) in told for k in range(len(words) - 1)), summary
+    rows = pl.read_csv(output, infer_schema=False)
+    assert rows["status"].to_list() == ["invalid"] * 3
+    if swapped != "expected_sha256":
+        assert rows[swapped].null_count() == 3

@@ -549,16 +549,29 @@ def test_a_call_id_with_controls_or_white_space_at_an_end_is_invalid(
 
 
 def test_row_messages_quote_at_most_40_characters_of_a_value() -> None:
-    secret = "cll-" + "\n" + "S" * 100
+    """An id or a key is quoted up to 40 characters; a value no id or key can be (over 64
+    characters, or white space inside: another column's text, maybe a summary) not at all."""
     checked = checked_rows(
         [
-            {"call_id": secret, "template_key": None, "content": "a"},
-            {"call_id": "cll-1", "template_key": "X" * 100, "content": "a"},
+            {"call_id": "cll-\x01" + "S" * 55, "template_key": None, "content": "a"},
+            {"call_id": "cll-1", "template_key": "X" * 64, "content": "a"},
+            {"call_id": "cll-\n" + "S" * 100, "template_key": None, "content": "a"},
+            {"call_id": "cll-2", "template_key": "X" * 65, "content": "a"},
+            {"call_id": "cll-3", "template_key": "MARKDOWN CLASSIC", "content": "a"},
         ]
     )
-    first, second = checked["message"].to_list()
-    assert first == r"column call_id: 'cll-\n" + "S" * 35 + "'… holds a control character"
-    assert second.startswith("column template_key: '" + "X" * 40 + "'… is not one of")
+    quoted, keyed, long_id, long_key, spaced = checked["message"].to_list()
+    assert quoted == r"column call_id: 'cll-\x01" + "S" * 35 + "'… holds a control character"
+    assert keyed.startswith("column template_key: '" + "X" * 40 + "'… is not one of")
+    assert long_id == (
+        "column call_id: a text of 105 characters, not shown (is this the call_id column?) "
+        "holds a control character"
+    )
+    for message, length in ((long_key, 65), (spaced, 16)):
+        assert message.startswith(
+            f"column template_key: a text of {length} characters, not shown (is this the "
+            "template_key column?) is not one of"
+        )
 
 
 def test_a_duplicate_message_quotes_the_call_id_cut_short() -> None:
