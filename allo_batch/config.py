@@ -142,6 +142,9 @@ class JobConfig:
         if self.input_format:
             return self.input_format
         found = FORMATS.get(self.input.suffix.lower())
+        if found is None and isinstance(self.input, Path) and self.input.is_dir():
+            msg = f"{self.input}: is a folder; name an input file in it (or use a job spec's glob)"
+            raise UsageError(msg)
         if found is None:
             msg = (
                 f"{self.input}: cannot tell the format from the extension "

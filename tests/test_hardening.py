@@ -213,6 +213,17 @@ def test_a_missing_output_folder_is_made_and_an_impossible_one_is_exit_2(tmp_pat
     assert f"{blocker}: cannot make the output folder" in refused.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_folder_as_input_is_named_as_a_folder(tmp_path: Path, command: str) -> None:
+    """Not "cannot tell the format from the extension (none)": the folder is named as one."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    extra = ["--dry-run"] if command == "run" else []
+    result = invoke([command, str(folder), *extra], env={})
+    assert result.exit_code == 2
+    assert f"{folder}: is a folder; name an input file in it" in result.stderr
+
+
 def test_the_output_cannot_be_the_input(tmp_path: Path) -> None:
     """-o naming the input file itself is refused before anything is read or written."""
     source = write(tmp_path / "in.csv", ["cll-1"])
