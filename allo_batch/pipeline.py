@@ -170,6 +170,7 @@ class JobsOutcome:
 
     outcomes: list[JobOutcome]
     not_started: list[JobConfig]  # left for the rerun after a stop
+    why_not_started: str = "after the stop above"
 
     @property
     def exit_code(self) -> int:
@@ -186,8 +187,16 @@ def run_jobs(
     """Run each configuration in turn, as ``allo-batch run --job`` does.
 
     A stop (exit 3 or more: key refused, API down, interrupted) would stop the next run too,
-    so the later ones are not started; a rerun picks them up.
+    so the later ones are not started; a rerun picks them up. Several files are first opened
+    (:func:`_refused_inputs`): one refused, none is run.
     """
+    refused = _refused_inputs(configs) if len(configs) > 1 else []
+    if refused:
+        for outcome in refused:
+            if on_outcome is not None:
+                on_outcome(outcome)
+        left = [config for config in configs if all(o.config is not config for o in refused)]
+        return JobsOutcome(refused, left, "as an input above is refused (nothing was sent)")
     outcomes: list[JobOutcome] = []
     for index, config in enumerate(configs):
         reporter = reporter_for(config) if reporter_for is not None else None
@@ -201,6 +210,21 @@ def run_jobs(
         if outcome.exit_code >= ExitCode.STOPPED:
             return JobsOutcome(outcomes, list(configs[index + 1 :]))
     return JobsOutcome(outcomes, [])
+
+
+def _refused_inputs(configs: Sequence[JobConfig]) -> list[JobOutcome]:
+    """The runs of a job of several files whose local input cannot be opened (no such file, a
+    format or header refused), each with its error: checked before any file is sent, so that
+    exit 2 still means that nothing was sent. (An object in a store is checked by its own run:
+    opening it means downloading it.)"""
+    refused = []
+    for config in configs:
+        if isinstance(config.input, Path):
+            try:
+                open_input(config.input, config.format, config.columns)
+            except AlloBatchError as error:
+                refused.append(JobOutcome(config, None, error))
+    return refused
 
 
 def run_job(

@@ -289,6 +289,33 @@ def test_a_stop_ends_the_job_before_its_next_file(
     assert not (tmp_path / "part-2.results.csv").exists()
 
 
+def test_a_job_of_several_files_sends_nothing_when_one_input_is_refused(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """Exit 2 means that nothing was sent: every file is opened before the first is sent, so a
+    file refused (here a semicolon-separated export) stops the job before the good ones, with
+    one line for it and one for the files left."""
+    first, second = two_parts(tmp_path)
+    (tmp_path / "part-3.csv").write_text("call_id;template_key;content\ncll-1;;x\n")
+    with sandbox_factory(world_for(first, second), api_key=KEY) as sandbox:
+        spec = write_spec(
+            tmp_path,
+            f'input = "part-*.csv"\noutput = "{{stem}}.results.csv"\n'
+            f'base_url = "{sandbox.base_url}"\nlog_format = "json"\n',
+        )
+        result = invoke(["run", "--job", str(spec)])
+        assert result.exit_code == 2, result.stderr
+        assert written(sandbox) == {}
+    log = events(result.stderr)
+    assert [(e["event"], e["exit_code"]) for e in log] == [("stop", 2), ("skip", 2)]
+    assert str(tmp_path / "part-3.csv") in log[0]["reason"]
+    left = f"{tmp_path / 'part-1.csv'}, {tmp_path / 'part-2.csv'}"
+    assert (
+        log[1]["reason"] == f"not started as an input above is refused (nothing was sent): {left}"
+    )
+    assert not list(tmp_path.glob("*.results.csv"))
+
+
 def test_an_output_folder_that_cannot_be_made_is_exit_2(tmp_path: Path) -> None:
     """An output folder that cannot be made is exit 2 naming it."""
     corrections(1).write_csv(tmp_path / "in.csv")

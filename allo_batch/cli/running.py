@@ -60,7 +60,8 @@ def run(
     --max-errors, API unreachable past --max-outage, another run holds the output),
     70 internal error (a bug; a rerun resumes), 130 interrupted (a rerun resumes).
     With --job and an input glob, each file is its own run, the exit code is the highest
-    of theirs, and a stop (3, 130) leaves the later files.
+    of theirs, and a stop (3, 130) leaves the later files; a local file refused (2) before
+    any is sent leaves them all.
 
     \b
     Examples:
@@ -144,7 +145,7 @@ def _run_all(configs: list[Any], console: Any) -> int:
     done = run_jobs(configs, reporter_for=reporter_for, on_outcome=show)
     if done.not_started:
         left = ", ".join(str(config.input) for config in done.not_started)
-        console.skipped(f"not started after the stop above: {left}", done.exit_code)
+        console.skipped(f"not started {done.why_not_started}: {left}", done.exit_code)
     return done.exit_code
 
 
