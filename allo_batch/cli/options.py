@@ -146,7 +146,7 @@ RUN_EXTRA_OPTIONS: list[tuple[list[str], dict[str, Any]]] = [  # not in the tabl
     (["--progress/--no-progress"], {"default": None, "help": "Progress bar [default: on when "
      "stderr is a terminal]."}),
     (["--json", "as_json"], {"is_flag": True, "help": "Print the run summary as one JSON "
-     "object on stdout."}),
+     "object on a line of stdout (a job of several files: one line per file)."}),
     (["--job", "job_file"], {"type": path(dir_okay=False), "help": "Job spec (TOML, see "
      "jobs/); options given here override it."}),
     (["--ds"], {"envvar": "ALLO_BATCH_DS", "type": click.DateTime(formats=["%Y-%m-%d"]),
