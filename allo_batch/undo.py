@@ -56,7 +56,9 @@ class UndoPlan:
         reasons = {
             "uncertain": "before-image uncertain (use --include-uncertain)",
             "no_before_image": "no summary before the run (nothing to put back)",
-            "no_image_kept": "written without a before-image (--blind, or an older version)",
+            "no_image_kept": (
+                "without a before-image (found already right, --blind, or an older version)"
+            ),
         }
         text += [f"  left out: {n} {reasons[r]}" for r, n in self.left_out.items() if n]
         return text

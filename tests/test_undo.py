@@ -390,3 +390,28 @@ def test_an_undo_that_sent_nothing_leaves_the_result_file_open_to_runs(
     assert rest.exit_code == 0, rest.output
     assert json.loads(rest.stdout)["by_status"] == {"skipped": 2, "updated": 2}
     assert "undone_by" not in json.loads((tmp_path / "run.csv.run.json").read_text())
+
+
+def test_rows_found_already_right_are_not_said_to_be_written_without_an_image(
+    sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    """Two targets already hold their correction: the run writes nothing to them (unchanged),
+    and a rerun carries them over as skipped. The undo leaves them out, and does not say they
+    were written without a before-image (which would read as an unguarded overwrite)."""
+    source, world, _originals = setup(tmp_path, 6)
+    for i in (1, 4):
+        next(iter(world.calls[f"cll-{i:05d}"].values())).content = f"corrected {i}"
+    results = tmp_path / "run.csv"
+    with sandbox_factory(world, api_key=KEY) as sandbox:
+        run = ["run", str(source), "-o", str(results), "--base-url", sandbox.base_url, "--json"]
+        first = invoke(run)
+        again = invoke(run)
+        planned = invoke(["undo", str(results), "--base-url", sandbox.base_url, "--dry-run"])
+    assert json.loads(first.stdout)["by_status"] == {"updated": 4, "unchanged": 2}
+    assert json.loads(again.stdout)["by_status"] == {"skipped": 6}
+    assert planned.exit_code == 0, planned.output
+    assert "4 rows to put back" in planned.output
+    assert "2 without a before-image (found already right, --blind, or an older version)" in (
+        planned.output
+    )
+    assert "written without" not in planned.output
