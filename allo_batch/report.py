@@ -305,13 +305,19 @@ def format_summary(summary: RunSummary, *, title: str | None = None) -> str:
 def _pace(summary: RunSummary) -> str:
     """The rate the requests went out at, against the key's limit. Requests sent within a
     second have no rate to speak of: a window's allowance may go out at once (a fixed window
-    lets it), and 5 requests "at 835/s of a 50/s limit" read like a broken limit."""
+    lets it), and 5 requests "at 835/s of a 50/s limit" read like a broken limit; nor do those
+    of a few windows that went out above the limit's rate."""
     rate, requests = summary.achieved_rate, summary.requests
     if not rate:
         return "at n/a"
     limit = f"a {summary.rate_limit:g}/s limit" if summary.rate_limit else None
-    if (requests - 1) / rate < 1.0:
+    span = (requests - 1) / rate
+    if span < 1.0:
         return "within a second" + (f", under {limit}" if limit else "")
+    if summary.rate_limit and rate > summary.rate_limit:
+        # A few windows, each allowance sent as its window opened: over the span from the
+        # first request to the last the rate can top the limit that no window exceeded.
+        return f"in {span:.1f} s, each window's allowance of {limit}"
     return f"at {rate:.2f}/s" + (f" of {limit}" if limit else "")
 
 

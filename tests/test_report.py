@@ -81,3 +81,6 @@ def test_the_summary_says_what_the_reads_found_and_no_rate_for_a_burst() -> None
     assert "  requests  5 within a second, under a 50/s limit; 429s: 0" in format_summary(burst)
     paced = RunSummary(rows=150, requests=150, achieved_rate=49.8, rate_limit=50)
     assert "  requests  150 at 49.80/s of a 50/s limit; 429s: 0" in format_summary(paced)
+    windows = RunSummary(rows=143, requests=143, achieved_rate=54.34, rate_limit=50)
+    told = format_summary(windows)
+    assert "  requests  143 in 2.6 s, each window's allowance of a 50/s limit; 429s: 0" in told
