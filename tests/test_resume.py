@@ -586,6 +586,20 @@ def test_a_second_signal_or_a_keyboard_interrupt_does_not_cut_the_clean_up_short
             time.sleep(0.05)
             cleaned.append(True)
     assert stopped.value.code == 130 and cleaned == [True]
+    # The handler itself, run for the SIGINT polars already raised as KeyboardInterrupt, at
+    # the first line of the clean-up (before the handlers were set to ignore): no raise.
+    before_term = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            _interrupt(signal.SIGINT, None)
+            cleaned.append(True)
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGTERM, before_term)
+    assert cleaned == [True, True]
     assert signal.getsignal(signal.SIGINT) is before
     assert capsys.readouterr().err == "allo-batch: interrupted by SIGINT\n"
 

@@ -193,13 +193,17 @@ class _Interrupted(BaseException):
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """Raise once: a second signal, or the same one seen again (polars turns a SIGINT into its
-    own KeyboardInterrupt, then Python runs this handler for it too), must not cut short the
-    clean-up that the first one started (temporary files removed, the output's lock let go)."""
+    """Raise once: a second signal, or the same one seen again, must not cut short the
+    clean-up that the first one started (temporary files removed, the output's lock let go).
+    polars turns a SIGINT into a KeyboardInterrupt of its own, and Python then runs this
+    handler too, at the first line of that clean-up: it finds that KeyboardInterrupt being
+    handled and lets the clean-up go on."""
     import signal
 
     for each in (signal.SIGINT, signal.SIGTERM):
         signal.signal(each, signal.SIG_IGN)
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        return
     raise _Interrupted(signum)
 
 
