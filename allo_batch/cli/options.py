@@ -83,18 +83,22 @@ class _LocalPath(click.Path):
                 param,
                 ctx,
             )
+        if problem := self.problem(Path(value)):
+            self.fail(problem, param, ctx)
         return super().convert(value, param, ctx)
+
+    def problem(self, path: Path) -> str | None:
+        """What to say of a local ``path`` before click's own checks (none here)."""
+        return None
 
 
 class _ResultFile(_LocalPath):
     """An existing result file; a missing one whose run was cut off says how to finish it."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def problem(self, path: Path) -> str | None:
         from allo_batch.report import unfinished_result_file
 
-        if "://" not in str(value) and (problem := unfinished_result_file(Path(value))):
-            self.fail(problem, param, ctx)
-        return super().convert(value, param, ctx)
+        return unfinished_result_file(path)
 
 
 RESULT_FILE = _ResultFile(path_type=Path, exists=True, dir_okay=False)
