@@ -453,9 +453,7 @@ class _ReadByPyarrow(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         # pyarrow calls read(); RawIOBase's own would allocate, readinto and copy once more.
-        with self._lock:
-            if self._file.closed:
-                raise ValueError("read of a closed file")
+        with self._lock:  # after close, the file's own read raises ValueError
             return self._read(size)
 
     def _read(self, size: int) -> bytes:
